@@ -1,0 +1,73 @@
+"""Parameter counts, FLOPs per token, device peak FLOP/s and MFU."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from gptjax.config import ModelConfig
+from gptjax.model import abstract_params
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Total parameters (as allocated, padded vocabulary included) and non-embedding parameters
+    (total minus the token and position embeddings, as Kaplan et al. count N)."""
+    ab = abstract_params(cfg)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(ab))
+    embedding = math.prod(ab["wte"]["embedding"].shape) + math.prod(ab["wpe"]["embedding"].shape)
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
+    """Matmul FLOPs per token, attention and the output layer included.
+
+    Forward: 2 FLOPs per multiply-add over every non-embedding weight matrix, plus the output layer
+    (2 * D * V, tied weights still cost a matmul), plus attention scores and weighted values
+    (2 * 2 * T * D per layer, full T x T as the kernels compute it). Training is 3x forward."""
+    T = seq_len or cfg.block_size
+    D, F, L, V = cfg.d_model, cfg.ff_dim, cfg.n_layer, cfg.padded_vocab
+    per_layer = 2 * (D * 3 * D + D * D + 2 * D * F)
+    attn = 0
+    for i in range(L):
+        kind = cfg.attention_pattern[i % len(cfg.attention_pattern)]
+        span = min(T, cfg.local_window) if kind == "banded" else T
+        attn += 2 * 2 * span * D
+    fwd = L * per_layer + attn + 2 * D * V
+    return float(3 * fwd if training else fwd)
+
+
+# Dense bf16 peak FLOP/s per chip (no sparsity), matched against device_kind.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe part is lower (756e12), matched first below
+    "H100 PCIe": 756e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+}
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+    """Peak FLOP/s of one device, or None where unknown (CPUs)."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    kind = getattr(device, "device_kind", "")
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific name first
+        if name.lower() in kind.lower():
+            return PEAK_FLOPS[name]
+    return None
+
+
+def mfu(tokens_per_s: float, cfg: ModelConfig, n_devices: int, peak: float | None) -> float | None:
+    if not peak:
+        return None
+    return tokens_per_s * flops_per_token(cfg) / (peak * n_devices)

@@ -1,0 +1,136 @@
+"""Train state, loss, train_step and eval_step: pure and jit-able, no I/O.
+
+The state is a plain pytree {"step", "params", "opt_state"}. It is created straight into its shards
+(`create_state` jits the initialiser with out_shardings) and the step is jitted once with the state
+donated. Dropout keys and batches depend on the step number alone, so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax import sharding
+from gptjax.config import TrainConfig
+from gptjax.model import Params, abstract_params, forward, init_params, logical_axes, vocab_mask
+from gptjax.optim import make_optimizer, schedule
+
+State = dict[str, Any]
+
+
+def token_nats(cfg, params: Params, tokens_BT1: jax.Array, dropout_key=None) -> jax.Array:
+    """Per-token negative log-likelihood [B, T] in float32 of tokens[:, 1:] given the prefix."""
+    logits_BTV = forward(cfg, params, tokens_BT1[:, :-1], dropout_key=dropout_key) + vocab_mask(cfg)
+    targets_BT = tokens_BT1[:, 1:]
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return logz_BT - target_logit_BT
+
+
+def loss_fn(cfg, params: Params, tokens_BT1: jax.Array, dropout_key=None) -> jax.Array:
+    return token_nats(cfg, params, tokens_BT1, dropout_key).mean()
+
+
+def _dropout_on(cfg) -> bool:
+    m = cfg.model
+    return max(m.embd_pdrop, m.attn_pdrop, m.resid_pdrop) > 0.0
+
+
+@dataclass
+class Trainer:
+    """Everything jit-compiled for one config on one mesh."""
+
+    cfg: TrainConfig
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    lr_schedule: Callable
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    init: Callable  # key -> state, placed in its shards
+    step: Callable  # (state, batch) -> (state, metrics), state donated
+    eval: Callable  # (params, tokens, weights) -> (sum of nats, number of tokens)
+    all_finite: Callable  # params -> bool
+
+    def abstract_state(self):
+        """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+        shapes = jax.eval_shape(self.init, jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+
+def make_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
+    m, rules = cfg.model, cfg.mesh.rules
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    lr_schedule = schedule(cfg.optim, cfg.steps)
+    replicated = NamedSharding(mesh, P())
+
+    param_shapes = abstract_params(m)
+    param_shardings = sharding.tree_shardings(logical_axes(m), param_shapes, mesh, rules)
+    opt_shapes = jax.eval_shape(tx.init, param_shapes)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+
+    def init_fn(key):
+        params = init_params(m, key)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    init = jax.jit(init_fn, out_shardings=state_shardings)
+
+    micro = cfg.batch_size // cfg.micro_batches
+    batch_shard = sharding.batch_sharding(mesh, rules, ndim=3, leading=1)  # [micro_batches, B/M, T+1]
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % n_batch_shards:
+        raise ValueError(f"the per-micro-batch size {micro} (batch_size / micro_batches) must be divisible by "
+                         f"the {n_batch_shards} data x fsdp devices; change batch_size or the mesh")
+    base_key = jax.random.key(cfg.seed)
+    dropout = _dropout_on(cfg)
+
+    def train_step(state, batch_MBT1):
+        params = state["params"]
+        key = jax.random.fold_in(base_key, state["step"])
+
+        def accumulate(carry, xs):
+            grads_acc, loss_acc = carry
+            tokens_BT1, i = xs
+            k = jax.random.fold_in(key, i) if dropout else None
+            loss, grads = jax.value_and_grad(lambda p: loss_fn(m, p, tokens_BT1, k))(params)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, loss_acc + loss), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        n = batch_MBT1.shape[0]
+        (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                        (batch_MBT1, jnp.arange(n)))
+        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": loss / n, "grad_norm": grad_norm, "lr": lr_schedule(state["step"])}
+        return new_state, metrics
+
+    def step_fn(state, batch):
+        with sharding.use_mesh(mesh, rules):
+            return train_step(state, batch)
+
+    step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shard),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+    def eval_fn(params, tokens_BT1, weights_BT):
+        with sharding.use_mesh(mesh, rules):
+            nats_BT = token_nats(m, params, tokens_BT1)
+        return (nats_BT * weights_BT).sum(), weights_BT.sum()
+
+    eval_batch_shard = sharding.batch_sharding(mesh, rules, ndim=2)
+    evaluate = jax.jit(eval_fn, in_shardings=(param_shardings, eval_batch_shard, eval_batch_shard),
+                       out_shardings=(replicated, replicated))
+
+    all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])),
+                         out_shardings=replicated)
+    return Trainer(cfg, mesh, tx, lr_schedule, state_shardings, batch_shard, init, step, evaluate, all_finite)
