@@ -329,3 +329,13 @@ def save_json(cfg: TrainConfig, path: Path) -> None:
 
 def load_json(path: Path) -> TrainConfig:
     return validate(from_dict(TrainConfig, json.loads(Path(path).read_text())))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out

@@ -54,6 +54,7 @@ class Trainer:
     init: Callable  # key -> state, placed in its shards
     step: Callable  # (state, batch) -> (state, metrics), state donated
     eval: Callable  # (params, tokens, weights) -> (sum of nats, number of tokens)
+    eval_batch_sharding: NamedSharding
     all_finite: Callable  # params -> bool
 
     def abstract_state(self):
@@ -133,4 +134,5 @@ def make_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
 
     all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])),
                          out_shardings=replicated)
-    return Trainer(cfg, mesh, tx, lr_schedule, state_shardings, batch_shard, init, step, evaluate, all_finite)
+    return Trainer(cfg, mesh, tx, lr_schedule, state_shardings, batch_shard, init, step, evaluate, eval_batch_shard,
+                   all_finite)

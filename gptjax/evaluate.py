@@ -1,0 +1,33 @@
+"""Held-out loss, perplexity and bits per byte of a token stream."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+
+def evaluate_windows(eval_fn: Callable, params, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+                     batch_sharding, *, total: int | None = None, desc: str = "evaluating") -> dict:
+    """Mean nats per predicted token over (tokens [B, T+1], weights [B, T]) batches."""
+    nats, count = 0.0, 0.0
+    pi, pc = jax.process_index(), jax.process_count()
+    for tokens, weights in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
+        per = tokens.shape[0] // pc  # every process sees the same windows and feeds its own rows
+        tokens, weights = tokens[pi * per:(pi + 1) * per], weights[pi * per:(pi + 1) * per]
+        tokens = jax.make_array_from_process_local_data(batch_sharding, tokens)
+        weights = jax.make_array_from_process_local_data(batch_sharding, weights)
+        s, c = eval_fn(params, tokens, weights)
+        nats += float(s)
+        count += float(c)
+    if count == 0:
+        raise ValueError("nothing to evaluate: the text is shorter than two tokens")
+    loss = nats / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+
+
+def bits_per_byte(loss_nats: float, n_tokens: int, n_bytes: int) -> float:
+    return loss_nats * n_tokens / max(n_bytes, 1) / math.log(2)
