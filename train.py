@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from gptjax import config as config_lib
+    from gptjax import trainer
     from gptjax.checkpoint import CheckpointError
     from gptjax.data import DataError
 
@@ -34,7 +35,6 @@ def main(argv=None) -> int:
             flat = config_lib.flatten(config_lib.to_dict(cfg))
             print("\n".join(f"{k} = {v!r}" for k, v in flat.items()))
             return 0
-        from gptjax import trainer
         trainer.run(cfg)
     except (config_lib.ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,12 +17,9 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
-import sys
 import sysconfig
 import tempfile
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -147,39 +144,16 @@ def _chunks(texts: list[str], max_bytes: int = 8000) -> Iterator[str]:
             yield "".join(buf)
 
 
-class _StderrProgress:
-    """Turns SentencePiece's C++ log lines ('... size=1200 ...') into a tqdm bar while it trains."""
-
-    def __init__(self, total: int, desc: str):
-        self.bar = tqdm(total=total, desc=desc, unit="piece", leave=False)
-        self.pattern = re.compile(rb"size=(\d+)")
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self.saved = os.dup(2)
-        self.r, w = os.pipe()
-        os.dup2(w, 2)
-        os.close(w)
-        self.thread = threading.Thread(target=self._pump, daemon=True)
-        self.thread.start()
-        return self
-
-    def _pump(self):
-        with os.fdopen(self.r, "rb") as f:
-            for line in f:
-                m = self.pattern.search(line)
-                if m:
-                    self.bar.n = min(int(m.group(1)), self.bar.total)
-                    self.bar.refresh()
-                elif b"ERROR" in line or b"rror" in line:
-                    os.write(self.saved, line)
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved, 2)  # closes the pipe's last writer, ending the pump
-        self.thread.join(timeout=5)
-        os.close(self.saved)
-        self.bar.n = self.bar.total
-        self.bar.close()
+def _with_progress(chunks: Iterator[str], total_bytes: int) -> Iterator[str]:
+    """SentencePiece pulls every sentence before it learns merges (which takes seconds), so the bar
+    tracks the bytes it has read, then names the merge phase."""
+    bar = tqdm(total=total_bytes, desc="tokenizer: reading", unit="B", unit_scale=True, leave=False)
+    for c in chunks:
+        bar.update(len(c))
+        yield c
+    bar.set_description("tokenizer: learning merges")
+    bar.refresh()
+    bar.close()
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_path: Path, num_task_tokens: int,
@@ -199,15 +173,14 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_path: Path, num_task_
     if vocab_size < specials + 64:
         raise DataError(f"model.vocab_size={vocab_size} is too small; use at least {specials + 64}")
     try:
-        with _StderrProgress(vocab_size, "training tokenizer"):
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=_chunks(sample), model_writer=model, model_type="bpe",
-                vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9999,
-                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-                allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=16384,
-                unk_id=0, eos_id=1, eos_piece=EOT, pad_id=2, pad_piece=PAD, bos_id=-1,
-                control_symbols=[f"<|task{i}|>" for i in range(num_task_tokens)],
-                num_threads=os.cpu_count() or 1, input_sentence_size=0, minloglevel=0)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_with_progress(_chunks(sample), used), model_writer=model, model_type="bpe",
+            vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9999,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=16384,
+            unk_id=0, eos_id=1, eos_piece=EOT, pad_id=2, pad_piece=PAD, bos_id=-1,
+            control_symbols=[f"<|task{i}|>" for i in range(num_task_tokens)],
+            num_threads=os.cpu_count() or 1, input_sentence_size=0, minloglevel=2)
     except RuntimeError as e:
         msg = str(e)
         if "Vocabulary size" in msg:

@@ -83,12 +83,7 @@ def make_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
 
     init = jax.jit(init_fn, out_shardings=state_shardings)
 
-    micro = cfg.batch_size // cfg.micro_batches
     batch_shard = sharding.batch_sharding(mesh, rules, ndim=3, leading=1)  # [micro_batches, B/M, T+1]
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro % n_batch_shards:
-        raise ValueError(f"the per-micro-batch size {micro} (batch_size / micro_batches) must be divisible by "
-                         f"the {n_batch_shards} data x fsdp devices; change batch_size or the mesh")
     base_key = jax.random.key(cfg.seed)
     dropout = _dropout_on(cfg)
 

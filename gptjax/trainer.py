@@ -104,6 +104,11 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
     (run_dir / "data.json").write_text(json.dumps({"data_dir": str(data_dir.absolute())}, indent=2) + "\n")
 
     mesh = make_mesh(cfg.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.batch_size // cfg.micro_batches
+    if micro % shards:
+        raise ConfigError(f"the micro-batch of {micro} sequences (batch_size / micro_batches) must be divisible by "
+                          f"the {shards} data x fsdp devices; change batch_size or the mesh")
     trainer = make_trainer(cfg, mesh)
     ckpts = Checkpoints(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, log=log)
     cfg_dict = config_lib.to_dict(cfg)
@@ -221,6 +226,7 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
     finally:
         bar.close()
         metrics_file.flush()
+        ckpts.wait()  # never exit with a good checkpoint half-written
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     train_time = time.time() - t_loop
