@@ -25,7 +25,7 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, window: int | None = None, impl: str = 
               dropout_rate: float = 0.0, dropout_key: jax.Array | None = None) -> jax.Array:
     T, S, H = q_BTNH.shape[1], k_BSNH.shape[1], q_BTNH.shape[-1]
     use_dropout = dropout_rate > 0.0 and dropout_key is not None
-    if impl == "jax" and not use_dropout:
+    if impl == "jax" and not use_dropout and T == S:  # its causal mask aligns queries to the first keys
         local = (window - 1, 0) if window is not None else None
         return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True, local_window_size=local)
     logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)

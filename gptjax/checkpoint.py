@@ -36,7 +36,10 @@ class Checkpoints:
             self._sweep_incomplete()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=not read_only, read_only=read_only)
-        self.mgr = ocp.CheckpointManager(self.dir, options=options, item_names=("params", "opt", "config"))
+        # Handlers named up front: a fresh process (resume, eval.py) can then read item metadata.
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler()}
+        self.mgr = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
 
     # -- discovery ---------------------------------------------------------------------------
 

@@ -104,7 +104,7 @@ def make_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
         (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
                                         (batch_MBT1, jnp.arange(n)))
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}

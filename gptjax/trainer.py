@@ -126,7 +126,11 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
 
     peak = flops_lib.device_peak_flops()
     flops_per_token = flops_lib.flops_per_token(cfg.model)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_path = run_dir / "metrics.jsonl"
+    torn = metrics_path.exists() and metrics_path.stat().st_size and not metrics_path.read_bytes().endswith(b"\n")
+    metrics_file = open(metrics_path, "a")
+    if torn:  # a kill cut the last line short: start ours on a fresh line
+        metrics_file.write("\n")
 
     def write_metrics(rec: dict):
         metrics_file.write(json.dumps(rec) + "\n")
