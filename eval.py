@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
 
 def evaluate(args) -> dict:
-    import jax
+    import numpy as np
 
     from gptjax import config as config_lib
     from gptjax import data as data_lib
@@ -89,7 +89,7 @@ def evaluate(args) -> dict:
         ids = tok.encode(raw.decode("utf-8", errors="replace"))
         if len(ids) < 2:
             raise DataError(f"{args.text} is too short to evaluate (fewer than two tokens)")
-        batches = data_lib.windows([__import__("numpy").asarray(ids)], T, bs)
+        batches = data_lib.windows([np.asarray(ids)], T, bs)
         r = evaluate_windows(trainer.eval, params, batches, trainer.eval_batch_sharding,
                              total=math.ceil(len(ids) / T / bs))
         r["bits_per_byte"] = bits_per_byte(r["loss"], len(ids), len(raw))
@@ -117,7 +117,6 @@ def evaluate(args) -> dict:
                      top_k=args.top_k, seed=args.seed, stop_id=tok.eot_id)
         results["sample"] = args.prompt + tok.decode(new)
         print("-" * 60 + "\n" + results["sample"] + "\n" + "-" * 60)
-    jax.effects_barrier()
     return results
 
 
