@@ -54,7 +54,7 @@ def evaluate(args) -> dict:
     from gptjax import config as config_lib
     from gptjax import data as data_lib
     from gptjax.checkpoint import CheckpointError, Checkpoints
-    from gptjax.evaluate import bits_per_byte, evaluate_windows
+    from gptjax.evaluate import bits_per_byte, eval_batch_size, evaluate_windows, heldout
     from gptjax.generate import sample
     from gptjax.sharding import make_mesh
     from gptjax.train_lib import make_trainer
@@ -78,9 +78,7 @@ def evaluate(args) -> dict:
     _, state = ckpts.restore(trainer.abstract_state(), step, params_only=True)
     params = state["params"]
     tok = data_lib.Tokenizer(run_dir / "tokenizer.model")
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    bs = args.batch_size or max(cfg.batch_size // cfg.micro_batches, 1)
-    bs = max(shards, bs // shards * shards)
+    bs = eval_batch_size(cfg, mesh, args.batch_size)
     T = cfg.model.block_size
     results: dict = {"run_dir": str(run_dir), "step": step, "model": cfg.model.name}
 
@@ -88,7 +86,7 @@ def evaluate(args) -> dict:
         raw = Path(args.text).read_bytes()
         ids = tok.encode(raw.decode("utf-8", errors="replace"))
         if len(ids) < 2:
-            raise DataError(f"{args.text} is too short to evaluate (fewer than two tokens)")
+            raise data_lib.DataError(f"{args.text} is too short to evaluate (fewer than two tokens)")
         batches = data_lib.windows([np.asarray(ids)], T, bs)
         r = evaluate_windows(trainer.eval, params, batches, trainer.eval_batch_sharding,
                              total=math.ceil(len(ids) / T / bs))
@@ -101,10 +99,7 @@ def evaluate(args) -> dict:
         if data_dir is None or not (data_dir / "manifest.json").exists():
             data_dir = data_lib.prepare(cfg.data, cfg.model.vocab_size)
         td = data_lib.TokenData(data_dir)
-        batches = td.eval_windows(seq_len=T, batch_size=bs)
-        r = evaluate_windows(trainer.eval, params, batches, trainer.eval_batch_sharding,
-                             total=math.ceil(td.tokens("val") / T / bs))
-        r["bits_per_byte"] = bits_per_byte(r["loss"], td.tokens("val"), td.manifest["bytes"]["val"])
+        r = heldout(trainer, params, td, batch_size=args.batch_size)
         r["gzip_bits_per_byte"] = data_lib.gzip_bits_per_byte((data_dir / "val.txt").read_bytes())
         results.update(split="val", **r)
 

@@ -6,7 +6,6 @@ pure pieces in train_lib.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -23,7 +22,7 @@ from gptjax import data as data_lib
 from gptjax import flops as flops_lib
 from gptjax.checkpoint import Checkpoints
 from gptjax.config import ConfigError, TrainConfig
-from gptjax.evaluate import bits_per_byte, evaluate_windows
+from gptjax.evaluate import heldout
 from gptjax.generate import sample
 from gptjax.sharding import make_mesh
 from gptjax.train_lib import make_trainer
@@ -77,12 +76,6 @@ def batch_for_step(td: data_lib.TokenData, cfg: TrainConfig, step: int) -> np.nd
     return full[:, pi * per:(pi + 1) * per]
 
 
-def eval_batch_size(cfg: TrainConfig, mesh) -> int:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    base = max(cfg.batch_size // cfg.micro_batches, 1)
-    return max(shards, (base // shards) * shards)
-
-
 def run(cfg: TrainConfig, *, log=print) -> dict:
     """Train (or resume) `cfg`, evaluate on the held-out split and print a sample. Returns a summary."""
     run_dir = Path(cfg.run_dir)
@@ -125,7 +118,6 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
         start, state = 0, trainer.init(jax.random.key(cfg.seed))
 
     peak = flops_lib.device_peak_flops()
-    flops_per_token = flops_lib.flops_per_token(cfg.model)
     metrics_path = run_dir / "metrics.jsonl"
     torn = metrics_path.exists() and metrics_path.stat().st_size and not metrics_path.read_bytes().endswith(b"\n")
     metrics_file = open(metrics_path, "a")
@@ -152,7 +144,6 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
     last = {"time": time.time(), "step": start}
     last_good = ckpts.latest_step()
     rates: list[float] = []
-    summary: dict = {}
 
     def record(item) -> dict:
         step, metrics, _ = item
@@ -177,17 +168,6 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
                         mfu="n/a" if util is None else f"{util:.1%}", refresh=False)
         return rec
 
-    def evaluate_val(params, max_batches: int = 0) -> dict:
-        bs = eval_batch_size(cfg, mesh)
-        batches = td.eval_windows(seq_len=cfg.model.block_size, batch_size=bs)
-        total = math.ceil(td.tokens("val") / cfg.model.block_size / bs)
-        if max_batches:
-            batches = (b for i, b in zip(range(max_batches), batches))
-            total = min(total, max_batches)
-        r = evaluate_windows(trainer.eval, params, batches, trainer.eval_batch_sharding, total=total)
-        r["bits_per_byte"] = bits_per_byte(r["loss"], td.tokens("val"), td.manifest["bytes"]["val"])
-        return r
-
     def save(step: int, *, force: bool = False):
         nonlocal last_good
         if not bool(trainer.all_finite(state["params"])):
@@ -211,7 +191,7 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
                 rec = record(pending)  # checked finite before anything is saved
                 pending = None
                 if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-                    ev = evaluate_val(state["params"], cfg.eval_batches)
+                    ev = heldout(trainer, state["params"], td, max_batches=cfg.eval_batches)
                     write_metrics({"step": done, "val_loss": ev["loss"], "val_bits_per_byte": ev["bits_per_byte"]})
                     bar.write(f"step {done}: train loss {rec['loss']:.4f}, val loss {ev['loss']:.4f}, "
                               f"{ev['bits_per_byte']:.3f} bits/byte")
@@ -236,7 +216,7 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
     train_time = time.time() - t_loop
 
     # Final evaluation, gzip baseline, and a sample.
-    ev = evaluate_val(state["params"])
+    ev = heldout(trainer, state["params"], td)
     val_bytes = (data_dir / "val.txt").read_bytes()
     gz = data_lib.gzip_bits_per_byte(val_bytes)
     final_step = int(jax.device_get(state["step"]))

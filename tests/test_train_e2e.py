@@ -113,6 +113,13 @@ def test_eval_errors_are_one_line(run, tmp_path):
     (line,) = error_lines(proc)
     assert "no checkpoint for step 4" in line and "[3, 6]" in line
 
+    blank = tmp_path / "blank.txt"
+    blank.write_text("")
+    proc = run_script("eval.py", run_dir, "--text", blank)
+    assert proc.returncode == 2
+    (line,) = error_lines(proc)
+    assert "too short to evaluate" in line
+
 
 def test_train_errors_are_one_line(run, tiny_overrides):
     run_dir, _ = run
