@@ -1,14 +1,54 @@
 """Causal self-attention: dense, and locally banded (each query sees the last `window` keys).
 
-Shape legend as in model.py: B batch, T query positions, S key positions, N heads, H head dim.
-`reference` is the plain einsum + mask path (supports attention dropout); `jax` calls
-jax.nn.dot_product_attention, which picks a fused kernel where the backend has one.
+Shape legend as in model.py: B batch, T query positions, S key positions, N heads, H head dim,
+plus C the block length and G the number of blocks of the blockwise banded path.
+
+The band: query i attends to key j iff i - w < j <= i, exactly w keys including itself (the Sparse
+Transformer's "local" mode). Libraries spell this differently; each path below converts once:
+jax.nn and splash take the number of keys to the *left* of the diagonal, (w - 1, 0).
+
+Implementations (`ModelConfig.attention_impl`), per layer kind:
+
+  impl        dense layers                         banded layers
+  reference   einsum + mask (the test oracle)      einsum + band mask: O(T^2)
+  blockwise   einsum + mask                        blockwise: O(T * w) time and memory
+  jax         jax.nn.dot_product_attention         same, with local_window_size: XLA picks the kernel
+  cudnn       cuDNN fused (jax.nn, bf16)            cuDNN with a local window
+  splash      TPU splash attention, causal mask    splash attention, local mask
+  auto        cpu: blockwise, gpu: cudnn, tpu: splash
+
+A fused path that cannot run (no cuDNN, float32 inputs, no TPU, a shape the kernel rejects, attention
+dropout) falls back to `blockwise`, and says so once in the log.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+AUTO = {"cpu": "blockwise", "gpu": "cudnn", "cuda": "cudnn", "rocm": "blockwise", "tpu": "splash"}
+MIN_BLOCK = 64  # banded blocks are at least this long: a tiny window still gets efficient einsums
+
+log = logging.getLogger("gptjax.attention")
+_said: set[str] = set()
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        log.warning(msg)
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The concrete implementation `impl` means on `platform` (default: JAX's default backend)."""
+    if impl != "auto":
+        return impl
+    return AUTO.get(platform or jax.default_backend(), "blockwise")
 
 
 def causal_mask(T: int, S: int, window: int | None = None) -> jax.Array:
@@ -21,18 +61,149 @@ def causal_mask(T: int, S: int, window: int | None = None) -> jax.Array:
     return ok
 
 
-def attention(q_BTNH, k_BSNH, v_BSNH, *, window: int | None = None, impl: str = "reference",
-              dropout_rate: float = 0.0, dropout_key: jax.Array | None = None) -> jax.Array:
+def _softmax_dropout(logits, rate: float, key):
+    probs = jax.nn.softmax(logits, axis=-1)
+    if rate > 0.0 and key is not None:
+        keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+    return probs
+
+
+def reference_attention(q_BTNH, k_BSNH, v_BSNH, *, window: int | None = None, dropout_rate: float = 0.0,
+                        dropout_key: jax.Array | None = None) -> jax.Array:
+    """Plain masked attention: every path must equal this one."""
     T, S, H = q_BTNH.shape[1], k_BSNH.shape[1], q_BTNH.shape[-1]
-    use_dropout = dropout_rate > 0.0 and dropout_key is not None
-    if impl == "jax" and not use_dropout and T == S:  # its causal mask aligns queries to the first keys
-        local = (window - 1, 0) if window is not None else None
-        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True, local_window_size=local)
     logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
     logits_BNTS = logits_BNTS / jnp.sqrt(jnp.float32(H))
     logits_BNTS = jnp.where(causal_mask(T, S, window), logits_BNTS, jnp.finfo(jnp.float32).min)
-    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
-    if use_dropout:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, probs_BNTS.shape)
-        probs_BNTS = jnp.where(keep, probs_BNTS / (1.0 - dropout_rate), 0.0)
+    probs_BNTS = _softmax_dropout(logits_BNTS, dropout_rate, dropout_key)
     return jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS.astype(v_BSNH.dtype), v_BSNH)
+
+
+def banded_attention(q_BTNH, k_BTNH, v_BTNH, *, window: int, block: int | None = None,
+                     dropout_rate: float = 0.0, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Banded causal self-attention in O(T * window) time and memory.
+
+    The sequence is cut into G blocks of C >= window positions. A query in block g can only see keys in
+    blocks g - 1 and g (it sees at most `window` <= C keys back), so each block of queries attends to
+    those 2C keys under the exact band mask. The sequence is padded to a multiple of C; padded keys lie
+    after every real query, so the causal mask already hides them.
+    """
+    B, T, N, H = q_BTNH.shape
+    C = block or max(window, MIN_BLOCK)
+    if window < 1 or C < window:
+        raise ValueError(f"need 1 <= window <= block, got window={window}, block={C}")
+    if k_BTNH.shape[1] != T or C >= T:  # one block holds everything: plain masked attention is as cheap
+        return reference_attention(q_BTNH, k_BTNH, v_BTNH, window=window, dropout_rate=dropout_rate,
+                                   dropout_key=dropout_key)
+    G = -(-T // C)
+    pad = G * C - T
+
+    def blocks(x_BTNH):
+        x_BTNH = jnp.pad(x_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return x_BTNH.reshape(B, G, C, N, H)
+
+    q_BGCNH, k_BGCNH, v_BGCNH = blocks(q_BTNH), blocks(k_BTNH), blocks(v_BTNH)
+
+    def with_previous(x_BGCNH):  # [B, G, 2C, N, H]: block g - 1 (zeros before the first), then block g
+        prev = jnp.pad(x_BGCNH, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]
+        return jnp.concatenate([prev, x_BGCNH], axis=2)
+
+    k_BGSNH, v_BGSNH = with_previous(k_BGCNH), with_previous(v_BGCNH)  # S = 2C keys per block
+    # query c of block g is at g*C + c; key s of its window is at (g-1)*C + s, so t - s_abs = C + c - s
+    c = np.arange(C)[:, None]
+    s = np.arange(2 * C)[None, :]
+    band_CS = (s <= C + c) & (C + c - s < window)
+    first_CS = band_CS & (s >= C)  # block 0 has no previous block
+    mask_GCS = jnp.asarray(np.concatenate([first_CS[None], np.broadcast_to(band_CS, (G - 1, C, 2 * C))]))
+
+    logits = jnp.einsum("BGCNH,BGSNH->BGNCS", q_BGCNH, k_BGSNH, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(H))
+    logits = jnp.where(mask_GCS[None, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = _softmax_dropout(logits, dropout_rate, dropout_key)
+    out_BGCNH = jnp.einsum("BGNCS,BGSNH->BGCNH", probs.astype(v_BTNH.dtype), v_BGSNH)
+    return out_BGCNH.reshape(B, G * C, N, H)[:, :T]
+
+
+def _jax_nn(q, k, v, window, implementation):
+    local = (window - 1, 0) if window is not None else None
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+                                        implementation=implementation)
+
+
+# ----------------------------------------------------------------------------------------------
+# TPU: splash attention (Pallas)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(N: int, T: int, window: int | None, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    if window is None:
+        head_mask = sa.CausalMask((T, T))
+    else:  # keys j with i - (w - 1) <= j <= i: the band of w keys
+        head_mask = sa.LocalMask((T, T), window_size=(window - 1, 0), offset=0)
+    b = min(512, T)
+    sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return sa.make_splash_mha(sa.MultiHeadMask([head_mask] * N), block_sizes=sizes, head_shards=1,
+                              q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q_BTNH, k_BTNH, v_BTNH, *, window: int | None = None, interpret: bool = False) -> jax.Array:
+    """Splash attention over [B, T, N, H]; under a mesh, batch and heads are split with shard_map.
+    `interpret=True` runs the Pallas kernel in the interpreter (any backend; for tests)."""
+    from gptjax import sharding
+
+    B, T, N, H = q_BTNH.shape
+    if k_BTNH.shape[1] != T or T % 128:
+        raise ValueError(f"splash attention needs self-attention over a multiple of 128 positions, got T={T}")
+    scale = 1.0 / math.sqrt(H)  # splash does not scale the logits itself
+
+    def local(q, k, v):  # [b, T, n, H] per shard
+        kernel = _splash_kernel(q.shape[2], T, window, interpret)
+        to_bnth = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        out = jax.vmap(kernel)(to_bnth(q * jnp.asarray(scale, q.dtype)), to_bnth(k), to_bnth(v))
+        return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+    active = sharding.active_mesh()
+    if active is None:
+        return local(q_BTNH, k_BTNH, v_BTNH)
+    mesh, rules = active
+    spec = sharding.logical_to_spec(("batch", "seq", "heads", "head_dim"), rules, mesh, q_BTNH.shape)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        q_BTNH, k_BTNH, v_BTNH)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def attention(q_BTNH, k_BSNH, v_BSNH, *, window: int | None = None, impl: str = "auto",
+              dropout_rate: float = 0.0, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Causal attention (banded when `window` is set) by implementation `impl` (see the module doc)."""
+    impl = resolve_impl(impl)
+    T, S = q_BTNH.shape[1], k_BSNH.shape[1]
+    use_dropout = dropout_rate > 0.0 and dropout_key is not None
+    kind = "dense" if window is None else "banded"
+    if impl in ("jax", "cudnn", "splash"):
+        why = None
+        if use_dropout:
+            why = "attention dropout is on"
+        elif T != S:
+            why = f"queries ({T}) and keys ({S}) differ in length"
+        else:
+            try:
+                if impl == "splash":
+                    return splash_attention(q_BTNH, k_BSNH, v_BSNH, window=window)
+                return _jax_nn(q_BTNH, k_BSNH, v_BSNH, window, None if impl == "jax" else impl)
+            except Exception as e:  # unavailable backend or unsupported shape / dtype: the pure-JAX path
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        _say_once(f"attention: '{impl}' is unavailable for {kind} layers ({why}); using the pure-JAX "
+                  f"blockwise path instead")
+        impl = "blockwise"
+    if impl == "blockwise" and window is not None and T == S:
+        return banded_attention(q_BTNH, k_BSNH, v_BSNH, window=window, dropout_rate=dropout_rate,
+                                dropout_key=dropout_key)
+    return reference_attention(q_BTNH, k_BSNH, v_BSNH, window=window, dropout_rate=dropout_rate,
+                               dropout_key=dropout_key)

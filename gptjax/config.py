@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 
 ATTENTION_KINDS = ("dense", "banded")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "jax", "cudnn", "splash")  # see attention.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 RULE_SETS = ("dp", "fsdp", "fsdp_tp")
@@ -42,7 +43,7 @@ class ModelConfig:
     scaled_resid_init: bool = True  # c_proj init std / sqrt(2 * n_layer) (GPT-2/3)
     attention_pattern: tuple[str, ...] = ("dense",)  # repeated over the layers
     local_window: int = 256  # band width of "banded" layers
-    attention_impl: str = "reference"  # "reference" (einsum + mask) or "jax" (jax.nn.dot_product_attention)
+    attention_impl: str = "auto"  # auto, reference, blockwise, jax, cudnn, splash (see attention.py)
     embd_pdrop: float = 0.0
     attn_pdrop: float = 0.0
     resid_pdrop: float = 0.0
@@ -270,8 +271,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got '{m.remat}'")
     need(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got '{m.dtype}'")
     need(m.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}, got '{m.param_dtype}'")
-    need(m.attention_impl in ("reference", "jax"),
-         f"model.attention_impl must be 'reference' or 'jax', got '{m.attention_impl}'")
+    need(m.attention_impl in ATTENTION_IMPLS,
+         f"model.attention_impl must be one of {ATTENTION_IMPLS}, got '{m.attention_impl}'")
+    need(m.local_window >= 1, f"model.local_window must be at least 1 (keys per query, itself included), "
+                              f"got {m.local_window}")
     for p in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
         need(0.0 <= getattr(m, p) < 1.0, f"model.{p} must be in [0, 1)")
     need(cfg.data.source in ("stdlib", "text", "jsonl"),

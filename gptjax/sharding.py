@@ -107,6 +107,11 @@ def use_mesh(mesh: Mesh, rules: str):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> tuple[Mesh, str] | None:
+    """The (mesh, rule set) of the enclosing `use_mesh`, if any."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     active = _ACTIVE.get()
     if active is None:

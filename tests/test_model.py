@@ -94,13 +94,17 @@ def test_padded_vocab_is_a_multiple_of_128(preset):
 
 
 def test_flops_per_token():
-    m = config.load_preset("gpt3-175b").model
+    gpt3 = config.load_preset("gpt3-175b").model
+    m = dataclasses.replace(gpt3, attention_pattern=("dense",))
     n = flops.param_counts(m)["non_embedding"]
     fwd = flops.flops_per_token(m, training=False)
     assert flops.flops_per_token(m) == 3 * fwd
     # PaLM (appendix B): training ~ 6N + 12 n_layer n_ctx d_model, plus the (tied) output layer
     approx = 6 * n + 12 * m.n_layer * m.block_size * m.d_model + 6 * m.d_model * m.padded_vocab
     assert abs(3 * fwd - approx) / approx < 1e-3
+    # GPT-3's alternating pattern: half the layers attend over the band of w keys, not the context
+    saved = 12 * (m.n_layer // 2) * (m.block_size - gpt3.local_window) * m.d_model
+    assert flops.flops_per_token(gpt3) == 3 * fwd - saved
     assert flops.device_peak_flops(jax.devices()[0]) is None  # CPU: unknown peak, so no MFU
     assert flops.mfu(1e6, m, 8, None) is None
 
