@@ -1,0 +1,278 @@
+"""Scaling laws: the fits recover the constants that generated synthetic data, the compute-optimal allocation
+matches a brute-force optimum, a sweep of three tiny points trains end to end and resumes, and `predict`
+predicts before it trains."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_script
+from gptjax import scaling
+from gptjax.scaling import SweepError
+
+CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def cli():
+    spec = importlib.util.spec_from_file_location("scaling_cli", REPO / "scaling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------------------------
+# Fits on synthetic data
+
+
+def test_chinchilla_fit_recovers_constants_and_intervals_cover_them():
+    rng = np.random.default_rng(0)
+    n = 40
+    N = np.exp(rng.uniform(math.log(1e6), math.log(1e9), n))
+    D = np.exp(rng.uniform(math.log(1e8), math.log(1e11), n))
+    L = scaling.chinchilla_loss(CHINCHILLA, N, D) * np.exp(rng.normal(0, 0.005, n))
+    fit = scaling.fit_chinchilla(N, D, L, bootstrap=40, seed=1)
+    assert abs(fit["alpha"] - 0.34) < 0.03 and abs(fit["beta"] - 0.28) < 0.03
+    assert abs(fit["E"] - 1.69) < 0.05
+    assert 0.7 < fit["A"] / 406.4 < 1.4 and 0.7 < fit["B"] / 410.7 < 1.4
+    assert abs(fit["a"] - 0.28 / 0.62) < 0.03
+    for k in ("E", "A", "B", "alpha", "beta"):
+        lo, hi = fit["ci"][k]
+        assert lo <= CHINCHILLA[k] <= hi, (k, lo, hi)
+        assert lo < fit[k] < hi
+    assert fit["bootstrap"] >= 35
+    # without noise the fit is exact
+    exact = scaling.fit_chinchilla(N, D, scaling.chinchilla_loss(CHINCHILLA, N, D))
+    for k, v in CHINCHILLA.items():
+        assert exact[k] == pytest.approx(v, rel=2e-3), k
+
+
+def test_power_law_fits_recover_kaplan_and_offset_forms():
+    rng = np.random.default_rng(2)
+    N = np.geomspace(1e5, 1e9, 12)
+    # Kaplan et al.'s L(N) = (N_c / N)^0.076, N_c = 8.8e13, with 0.3% noise
+    L = (8.8e13 / N) ** 0.076 * np.exp(rng.normal(0, 0.003, N.size))
+    fit = scaling.fit_power_law(N, L, offset=False, bootstrap=30)
+    assert fit["alpha"] == pytest.approx(0.076, abs=0.003)
+    assert math.log(fit["x_c"]) == pytest.approx(math.log(8.8e13), abs=0.5)
+    assert fit["E"] == 0.0 and fit["ci"]["alpha"][0] <= 0.076 <= fit["ci"]["alpha"][1]
+    # L(C) = a C^b + c with a = 30, b = -0.1, c = 1.5
+    C = np.geomspace(1e11, 1e16, 15)
+    L = (30 * C ** -0.1 + 1.5) * np.exp(rng.normal(0, 0.002, C.size))
+    fit = scaling.fit_power_law(C, L, offset=True, bootstrap=30)
+    assert fit["alpha"] == pytest.approx(0.1, abs=0.015)
+    assert fit["E"] == pytest.approx(1.5, abs=0.1)
+    assert math.exp(fit["a"]) == pytest.approx(30, rel=0.35)
+    assert fit["ci"]["alpha"][0] <= 0.1 <= fit["ci"]["alpha"][1]
+    assert fit["ci"]["E"][0] <= 1.5 <= fit["ci"]["E"][1]
+    np.testing.assert_allclose(scaling.power_law(fit, C), 30 * C ** -0.1 + 1.5, rtol=0.01)
+
+
+def test_huber_fit_shrugs_off_an_outlier():
+    """The point of the Huber loss: one bad run barely moves the exponent (least squares would)."""
+    N = np.geomspace(1e5, 1e8, 10)
+    L = (1e10 / N) ** 0.2
+    L[3] *= 1.3
+    fit = scaling.fit_power_law(N, L, offset=False)
+    assert fit["alpha"] == pytest.approx(0.2, abs=0.002)
+
+
+def test_compute_optimal_matches_brute_force_and_closed_form():
+    from scipy.optimize import minimize_scalar
+
+    rng = np.random.default_rng(3)
+    for p in [CHINCHILLA] + [dict(E=rng.uniform(0.5, 2), A=rng.uniform(10, 1000), B=rng.uniform(10, 1000),
+                                  alpha=rng.uniform(0.1, 0.6), beta=rng.uniform(0.1, 0.6)) for _ in range(4)]:
+        for C in (1e15, 1e19, 1e23):
+            n_opt, d_opt = scaling.compute_optimal(p, C)
+            assert 6 * n_opt * d_opt == pytest.approx(C, rel=1e-9)
+            res = minimize_scalar(lambda x: float(scaling.chinchilla_loss(p, math.exp(x), C / (6 * math.exp(x)))),
+                                  bounds=(0, 60), method="bounded", options={"xatol": 1e-10})
+            assert math.log(n_opt) == pytest.approx(res.x, abs=1e-3)
+        # N_opt ~ C^(beta / (alpha + beta)), D_opt ~ C^(alpha / (alpha + beta))
+        (n1, d1), (n2, d2) = scaling.compute_optimal(p, 1e18), scaling.compute_optimal(p, 1e22)
+        s = p["alpha"] + p["beta"]
+        assert math.log(n2 / n1) / math.log(1e4) == pytest.approx(p["beta"] / s)
+        assert math.log(d2 / d1) / math.log(1e4) == pytest.approx(p["alpha"] / s)
+    # Chinchilla's published L(N, D) at Gopher's budget: N_opt ~ 32B and ~90 tokens per parameter, not the
+    # ~20 of their approaches 1 and 2 -- the inconsistency Besiroglu et al. (2024) traced to that fit
+    n, d = scaling.compute_optimal(CHINCHILLA, 5.76e23)
+    assert 30e9 < n < 35e9 and 80 < d / n < 100
+
+
+def test_frontier_and_isoflop_parabola():
+    recs = [{"name": f"p{i}", "C": c, "val_loss": l} for i, (c, l) in enumerate([(1, 5), (2, 4), (3, 4.5), (4, 3), (5, 3.5)])]
+    assert [r["name"] for r in scaling.frontier(recs)] == ["p0", "p1", "p3"]
+    # a parabola in log N with its minimum at N = 1e5
+    iso = [{"budget": 1e12, "N": n, "val_loss": 3 + 0.1 * (math.log(n) - math.log(1e5)) ** 2}
+           for n in (1e4, 3e4, 1e5, 3e5, 1e6)]
+    (m,) = scaling.isoflop_minima(iso)
+    assert m["interior"] and m["N_opt"] == pytest.approx(1e5, rel=1e-6) and m["loss"] == pytest.approx(3)
+    assert m["D_opt"] == pytest.approx(1e12 / 6e5, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep configs
+
+
+def test_shipped_sweeps_plan_within_their_promises(tmp_path):
+    assert {"cpu-ladder", "gpu-ladder"} <= set(scaling.list_sweeps())
+    for name in ("cpu-ladder", "gpu-ladder"):
+        sw = scaling.load_sweep(name)
+        points, _ = scaling.plan(sw, tmp_path / name)
+        fitted = [p for p in points if p.group != "predict"]
+        (pred,) = [p for p in points if p.group == "predict"]
+        ladder = [p for p in points if p.group == "ladder"]
+        ns = sorted({p.n_non_embedding for p in ladder})
+        assert len(ns) >= 5 and ns[-1] / ns[0] >= 30, name
+        assert len({p.budget for p in points if p.group == "isoflop"}) >= 3, name
+        assert pred.flops >= 10 * max(p.flops for p in fitted), name
+        assert len({p.cfg.model.vocab_size for p in points}) == 1  # one token cache for the whole sweep
+        assert len({p.name for p in points}) == len(points)
+        for p in points:
+            assert p.cfg.run_dir == str(tmp_path / name / p.name)
+            if p.budget:
+                assert 6 * p.n_non_embedding * p.tokens == pytest.approx(p.budget, rel=0.3)
+    cpu, _ = scaling.plan(scaling.load_sweep("cpu-ladder"), tmp_path)
+    assert len({p.size for p in cpu if p.group == "ladder"}) >= 6
+
+
+def test_sweep_config_errors_are_clear(tmp_path):
+    with pytest.raises(SweepError, match="unknown sweep config 'cpu-ladr'.*did you mean 'cpu-ladder'"):
+        scaling.load_sweep("cpu-ladr")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"sizes": [{"n_layer": 2, "d_model": 64}], "ladder": {"tokns": 5}}))
+    with pytest.raises(SweepError, match="unknown key 'sweep.ladder.tokns'; did you mean 'tokens'"):
+        scaling.load_sweep(str(bad))
+    bad.write_text(json.dumps({"sizes": [{"n_layer": 2, "d_model": 64}], "predict": {"size": "L2-d46"}}))
+    with pytest.raises(SweepError, match="unknown size 'L2-d46'; did you mean 'L2-d64'"):
+        scaling.load_sweep(str(bad))
+    bad.write_text(json.dumps({"sizes": [{"n_layer": 3, "d_model": 64}], "overrides": ["model.n_layers=2"]}))
+    with pytest.raises(SweepError, match="did you mean 'model.n_layer'"):
+        scaling.plan(scaling.load_sweep(str(bad)), tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# predict, with a stand-in trainer whose losses follow a known law: fast, and exact enough to check the
+# 10x extrapolation and that the prediction is written before the point trains.
+
+LAW = dict(E=1.2, A=60.0, B=300.0, alpha=0.35, beta=0.4)
+
+
+def fake_sweep(tmp_path, overrides) -> scaling.SweepConfig:
+    path = tmp_path / "fake.json"
+    path.write_text(json.dumps({
+        "base": "tiny", "overrides": overrides + ["checkpoint.every=1000"], "head_dim": 16, "min_steps": 4,
+        "sizes": [{"n_layer": 1, "d_model": 16}, {"n_layer": 1, "d_model": 32}, {"n_layer": 2, "d_model": 32},
+                  {"n_layer": 2, "d_model": 48}, {"n_layer": 2, "d_model": 64}, {"n_layer": 3, "d_model": 96},
+                  {"name": "big", "n_layer": 4, "d_model": 192, "lr": 1e-3}],
+        "ladder": {"tokens": 20000},
+        "isoflop": {"budgets": [3e10, 1e11], "sizes": ["L1-d32", "L2-d48", "L2-d64"]},
+        "predict": {"size": "big", "tokens": 150000}}))
+    return scaling.load_sweep(str(path))
+
+
+def fake_train(trained: list, prediction_path=None):
+    def train(p, log):
+        if p.group == "predict":
+            assert prediction_path.exists(), "the prediction must be on disk before the point trains"
+        trained.append(p.name)
+        run_dir = __import__("pathlib").Path(p.cfg.run_dir)
+        run_dir.mkdir(parents=True)
+        from gptjax import config as config_lib
+
+        config_lib.save_json(p.cfg, run_dir / "config.json")
+        loss = float(scaling.chinchilla_loss(LAW, p.n_non_embedding, p.tokens))
+        (run_dir / "summary.json").write_text(json.dumps({"val_loss": loss, "val_bits_per_byte": loss / 2}))
+        return {"val_loss": loss}
+    return train
+
+
+def test_sweep_resumes_and_predict_extrapolates_10x(tmp_path, tiny_overrides):
+    sw = fake_sweep(tmp_path, tiny_overrides)
+    out = tmp_path / "sweep"
+    trained: list[str] = []
+    recs = scaling.sweep(sw, out, train=fake_train(trained), log=lambda _: None)
+    assert len(recs) == len(trained) >= 9 and not any(n.startswith("predict") for n in trained)
+    assert [json.loads(x)["name"] for x in (out / "results.jsonl").read_text().splitlines()] == trained
+    for r in recs:
+        assert r["C"] == pytest.approx(6 * r["N_non_embedding"] * r["tokens"])
+        assert r["flops"] > r["C"] and r["N_total"] > r["N_non_embedding"]
+    again: list[str] = []
+    assert scaling.sweep(sw, out, train=fake_train(again), log=lambda _: None) == recs and again == []
+
+    pred = scaling.predict(sw, out, train=True, bootstrap=10, log=lambda _: None,
+                           train_fn=fake_train(trained, out / "prediction.json"))
+    assert pred["compute_ratio"] >= 10 and pred["N"] > 3 * max(r["N"] for r in recs)
+    truth = float(scaling.chinchilla_loss(LAW, pred["N"], pred["tokens"]))
+    assert pred["actual_loss"] == pytest.approx(truth)
+    assert abs(pred["relative_error"]) < 0.01
+    assert pred["error"] == pytest.approx(pred["predicted_loss"] - truth)
+    saved = json.loads((out / "prediction.json").read_text())
+    assert saved["made_at"] == pred["made_at"] and saved["actual_loss"] == pred["actual_loss"]
+    # a second predict keeps the recorded prediction instead of refitting on hindsight
+    assert scaling.predict(sw, out, log=lambda _: None, train_fn=fake_train([]))["made_at"] == pred["made_at"]
+
+    # a changed sweep config is refused for a finished point rather than silently mixed in
+    changed = scaling.load_sweep(str(tmp_path / "fake.json"))
+    with pytest.raises(SweepError, match="trained with another config.*optim.lr"):
+        scaling.sweep(changed, out, ["optim.lr=1e-2"], train=fake_train([]), log=lambda _: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command, for real: three tiny points train, a rerun skips them, fit and plot write their files.
+
+
+def test_scaling_command_end_to_end(tmp_path, tiny_overrides, prepared):
+    sweep_json = tmp_path / "mini.json"
+    sweep_json.write_text(json.dumps({
+        "base": "tiny", "overrides": tiny_overrides + ["checkpoint.every=1000", "log_every=2"], "head_dim": 16,
+        "min_steps": 2, "warmup_fraction": 0.25,
+        "sizes": [{"n_layer": 1, "d_model": 16, "lr": 0.01}, {"n_layer": 1, "d_model": 32, "lr": 0.01},
+                  {"n_layer": 2, "d_model": 64, "lr": 0.005}],
+        "ladder": {"tokens": 2048}}))
+    out = tmp_path / "sweep"
+    proc = run_script("scaling.py", "sweep", sweep_json, "--dir", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in recs] == ["ladder-L1-d16", "ladder-L1-d32", "ladder-L2-d64"]
+    for r in recs:
+        summary = json.loads((out / r["name"] / "summary.json").read_text())
+        assert r["val_loss"] == summary["val_loss"] and math.isfinite(r["val_loss"])
+        assert r["tokens"] == 2048 and summary["step"] == 8 and r["C"] == 6 * r["N"] * 2048
+        assert r["N"] == summary["parameters"]["non_embedding"] and r["N_total"] == summary["parameters"]["total"]
+    assert recs[0]["N"] < recs[1]["N"] < recs[2]["N"]
+    stamps = [(out / r["name"] / "summary.json").stat().st_mtime_ns for r in recs]
+
+    proc = run_script("scaling.py", "sweep", sweep_json, "--dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 already finished, 0 to train" in proc.stdout
+    assert [(out / r["name"] / "summary.json").stat().st_mtime_ns for r in recs] == stamps
+
+    main = cli().main
+    assert main(["fit", str(sweep_json), "--dir", str(out), "--bootstrap", "10"]) == 0
+    fits = json.loads((out / "fits.json").read_text())
+    assert fits["points"] == 3 and fits["L_N"]["points"] == 3 and fits["L_N"]["alpha"] >= 0
+    assert main(["plot", str(sweep_json), "--dir", str(out), "--out", str(tmp_path / "png")]) == 0
+    for name in ("loss_vs_compute.png", "loss_vs_n.png", "isoflop.png"):
+        data = (tmp_path / "png" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    main = cli().main
+    assert main(["sweep", "no-such-sweep", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: unknown sweep config 'no-such-sweep'")
+    assert main(["fit", "cpu-ladder", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "results.jsonl is missing" in err[0]
+    assert main(["predict", "cpu-ladder", "--dir", str(tmp_path), "--no-train"]) == 2
+    assert "run `python scaling.py sweep cpu-ladder` first" in capsys.readouterr().err
+    assert main(["sweep", "cpu-ladder", "--dry-run", "model.n_layers=3"]) == 2
+    assert "did you mean 'model.n_layer'" in capsys.readouterr().err
+    assert main(["sweep", "cpu-ladder", "--dry-run"]) == 0
+    assert "predict-d192-L6" in capsys.readouterr().out
