@@ -378,7 +378,7 @@ def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = 
         f"in {sweep_dir}")
     total = sum(p.flops for p in points) / 1e12
     bar = tqdm(total=total, initial=total - sum(p.flops for p in todo) / 1e12, unit="TFLOP", unit_scale=False,
-               bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} TFLOP [{elapsed}<{remaining}{postfix}]",
+               bar_format="{l_bar}{bar}| {n:.3g}/{total:.3g} TFLOP [{elapsed}<{remaining}{postfix}]",
                desc=f"sweep {sw.name}", dynamic_ncols=True, position=0)
     failed = []
     try:
@@ -841,7 +841,8 @@ def plot(sweep_dir: str | Path, out_dir: str | Path | None = None, fits: dict | 
     ax.set_xlabel("C = 6 N D (FLOPs)")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("loss vs compute (circles: ladder, squares: isoFLOP; colour: N)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     written.append(out_dir / "loss_vs_compute.png")
     fig.savefig(written[-1], dpi=120)
@@ -862,7 +863,8 @@ def plot(sweep_dir: str | Path, out_dir: str | Path | None = None, fits: dict | 
     ax.set_xlabel("N (parameters)")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("loss vs model size")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     written.append(out_dir / "loss_vs_n.png")
     fig.savefig(written[-1], dpi=120)
