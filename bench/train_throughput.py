@@ -26,6 +26,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="tiny")
     p.add_argument("--steps", type=int, default=10, help="timed steps after compilation")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -43,8 +44,10 @@ def main():
     t0 = time.perf_counter()
     compiled = trainer.step.lower(state, batch()).compile()
     compile_s = time.perf_counter() - t0
-    state, m = compiled(state, batch())  # warm-up
-    jax.block_until_ready(m)
+    mem = compiled.memory_analysis()
+    for _ in range(args.warmup):
+        state, m = compiled(state, batch())
+        jax.block_until_ready(m)
     times = []
     for _ in range(args.steps):
         b = batch()
@@ -62,7 +65,11 @@ def main():
            "dtype": cfg.model.dtype, "remat": cfg.model.remat, "compile_s": round(compile_s, 2),
            "step_s": round(step_s, 4), "tokens_per_s": round(tps, 1),
            "model_tflops_per_s": round(tps * flops.flops_per_token(cfg.model) / 1e12, 3),
-           "mfu": None if util is None else round(util, 4)}
+           "mfu": None if util is None else round(util, 4),
+           "attention": ",".join(cfg.model.attention_pattern), "attention_impl": cfg.model.attention_impl,
+           # per device, from XLA's compiled memory analysis
+           "memory_gib": None if mem is None else round((mem.argument_size_in_bytes + mem.output_size_in_bytes +
+                                                         mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**30, 3)}
     for k, v in res.items():
         print(f"{k:>20}: {v if v is not None else 'n/a'}")
     if args.json:
