@@ -16,6 +16,8 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from gptjax.distributed import barrier
+
 TMP_PATTERN = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
@@ -32,8 +34,10 @@ class Checkpoints:
         if read_only and not self.dir.exists():
             raise CheckpointError(f"{Path(run_dir)} holds no checkpoints (no {self.dir.name}/ directory); "
                                   f"pass the run directory that train.py wrote (run_dir=...)")
-        if not read_only:
-            self._sweep_incomplete()
+        if not read_only:  # one process deletes, the others wait so that none lists a half-deleted step
+            if jax.process_index() == 0:
+                self._sweep_incomplete()
+            barrier("incomplete checkpoints swept")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=not read_only, read_only=read_only)
         # Handlers named up front: a fresh process (resume, eval.py) can then read item metadata.

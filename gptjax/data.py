@@ -11,6 +11,8 @@ replays exactly the batches of an uninterrupted one, and each process takes its 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -246,9 +248,31 @@ def _write_tokens(docs: list[str], tok: Tokenizer, out_dir: Path, split: str, sh
     return shards
 
 
+@contextlib.contextmanager
+def _cache_lock(root: Path):
+    """Processes preparing into one cache directory (several per host) take turns: the first builds, the
+    others then reuse. An exclusive lock on the directory itself, so no lock file is left behind; where the
+    file system cannot lock a directory, go on without (process 0 prepares first in any case)."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def prepare(cfg: DataConfig, vocab_size: int, *, log=print) -> Path:
     """Make (or reuse) the token cache for this source and vocabulary; returns its directory."""
     out = data_dir_for(cfg, vocab_size)
+    with _cache_lock(out.parent):
+        return _prepare(cfg, vocab_size, out, log)
+
+
+def _prepare(cfg: DataConfig, vocab_size: int, out: Path, log) -> Path:
     docs = list(iter_documents(cfg))
     if not docs:
         raise DataError("the corpus holds no documents; check data.source and data.paths")
@@ -345,9 +369,9 @@ class TokenData:
         return self.manifest["bytes"][split] / self.manifest["tokens"][split]
 
     def batch(self, seed: int, step: int, batch_size: int, seq_len: int, *, split: str = "train",
-              process_index: int = 0, process_count: int = 1) -> np.ndarray:
-        """Rows [process_index * B/P, (process_index + 1) * B/P) of the global batch of `step`:
-        int32 [B/P, seq_len + 1] windows at offsets drawn from (seed, step) alone."""
+              process_index: int = 0, process_count: int = 1, rows: np.ndarray | None = None) -> np.ndarray:
+        """Rows [process_index * B/P, (process_index + 1) * B/P) of the global batch of `step` (or the rows
+        numbered `rows`): int32 [B/P, seq_len + 1] windows at offsets drawn from (seed, step) alone."""
         shards = self.shards[split]
         starts = np.array([max(len(s) - seq_len - 1, 0) + 1 if len(s) > seq_len else 0 for s in shards])
         if starts.sum() == 0:
@@ -358,7 +382,7 @@ class TokenData:
         rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
         flat = rng.integers(0, starts.sum(), size=batch_size)
         per = batch_size // process_count
-        flat = flat[process_index * per:(process_index + 1) * per]
+        flat = flat[process_index * per:(process_index + 1) * per] if rows is None else flat[rows]
         bounds = np.cumsum(starts)
         which = np.searchsorted(bounds, flat, side="right")
         offsets = flat - (bounds[which] - starts[which])

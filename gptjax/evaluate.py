@@ -9,17 +9,19 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from gptjax.distributed import local_rows
+
 
 def evaluate_windows(eval_fn: Callable, params, batches: Iterable[tuple[np.ndarray, np.ndarray]],
                      batch_sharding, *, total: int | None = None, desc: str = "evaluating") -> dict:
     """Mean nats per predicted token over (tokens [B, T+1], weights [B, T]) batches."""
     nats, count = 0.0, 0.0
-    pi, pc = jax.process_index(), jax.process_count()
-    for tokens, weights in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
-        per = tokens.shape[0] // pc  # every process sees the same windows and feeds its own rows
-        tokens, weights = tokens[pi * per:(pi + 1) * per], weights[pi * per:(pi + 1) * per]
-        tokens = jax.make_array_from_process_local_data(batch_sharding, tokens)
-        weights = jax.make_array_from_process_local_data(batch_sharding, weights)
+    for tokens, weights in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
+                                disable=jax.process_index() != 0):
+        # every process sees the same windows and feeds the rows its devices hold
+        rows = local_rows(batch_sharding, tokens.shape, axis=0)
+        tokens = jax.make_array_from_process_local_data(batch_sharding, tokens[rows], tokens.shape)
+        weights = jax.make_array_from_process_local_data(batch_sharding, weights[rows], weights.shape)
         s, c = eval_fn(params, tokens, weights)
         nats += float(s)
         count += float(c)

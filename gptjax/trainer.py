@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from gptjax import config as config_lib
 from gptjax import data as data_lib
+from gptjax import distributed
 from gptjax import flops as flops_lib
 from gptjax.checkpoint import Checkpoints
 from gptjax.config import ConfigError, TrainConfig
@@ -47,7 +49,7 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+def check_run_dir(cfg: TrainConfig, run_dir: Path, log=print) -> None:
     """Resuming into a run directory that holds another model is an error; other changes are noted."""
     path = run_dir / "config.json"
     if not path.exists():
@@ -63,27 +65,36 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
                           f"choose a new run_dir=... or delete that directory")
     other = [d for d in _changed_keys(old, new) if not d.startswith("model.")]
     if other:
-        print(f"note: resuming {run_dir} with changed settings: {'; '.join(other[:6])}")
+        log(f"note: resuming {run_dir} with changed settings: {'; '.join(other[:6])}")
 
 
-def batch_for_step(td: data_lib.TokenData, cfg: TrainConfig, step: int) -> np.ndarray:
-    """This process's rows of the global batch of `step`, laid out [micro_batches, rows, T+1]."""
+def batch_for_step(td: data_lib.TokenData, cfg: TrainConfig, step: int, sharding) -> jax.Array:
+    """The global batch of `step`, [micro_batches, B / micro_batches, T+1] on `sharding`; this process
+    reads only the rows its own devices hold (offsets depend on (seed, step) alone, so all agree)."""
     M, B, T = cfg.micro_batches, cfg.batch_size, cfg.model.block_size
-    full = td.batch(cfg.seed, step, B, T)  # offsets only depend on (seed, step)
-    full = full.reshape(M, B // M, T + 1)
-    pc, pi = jax.process_count(), jax.process_index()
-    per = (B // M) // pc
-    return full[:, pi * per:(pi + 1) * per]
+    shape = (M, B // M, T + 1)
+    rows = np.arange(B // M)[distributed.local_rows(sharding, shape, axis=1)]
+    local = td.batch(cfg.seed, step, B, T, rows=(np.arange(M)[:, None] * (B // M) + rows).ravel())
+    return jax.make_array_from_process_local_data(sharding, local.reshape(M, len(rows), T + 1), shape)
 
 
 def run(cfg: TrainConfig, *, log=print) -> dict:
     """Train (or resume) `cfg`, evaluate on the held-out split and print a sample. Returns a summary."""
+    main = distributed.is_main()  # every process computes; process 0 alone prints and writes the run files
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731
     run_dir = Path(cfg.run_dir)
-    check_run_dir(cfg, run_dir)
     t_start = time.time()
 
-    data_dir = data_lib.prepare(cfg.data, cfg.model.vocab_size, log=log)
+    def prepare() -> Path:
+        if main:  # the others wait for its verdict (and must not read config.json while it is rewritten)
+            check_run_dir(cfg, run_dir, log)
+        return data_lib.prepare(cfg.data, cfg.model.vocab_size, log=log)
+
+    # Process 0 builds the token cache; the others then read it (or, without a shared disk, build their own).
+    data_dir = distributed.process0_first(prepare, "prepare the run")
     td = data_lib.TokenData(data_dir)
+    distributed.check_same(bytes.fromhex(td.manifest["tokenizer"]["sha256"]), f"the tokenizer in {data_dir}")
     if td.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer in {data_dir} has {td.tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}; delete that cache directory or set model.vocab_size to match")
@@ -92,9 +103,10 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
                           f"{cfg.model.block_size}; add data or shorten the context")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save_json(cfg, run_dir / "config.json")
-    shutil.copyfile(data_dir / "tokenizer.model", run_dir / "tokenizer.model")
-    (run_dir / "data.json").write_text(json.dumps({"data_dir": str(data_dir.absolute())}, indent=2) + "\n")
+    if main:
+        config_lib.save_json(cfg, run_dir / "config.json")
+        shutil.copyfile(data_dir / "tokenizer.model", run_dir / "tokenizer.model")
+        (run_dir / "data.json").write_text(json.dumps({"data_dir": str(data_dir.absolute())}, indent=2) + "\n")
 
     mesh = make_mesh(cfg.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -120,8 +132,8 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
     peak = flops_lib.device_peak_flops()
     metrics_path = run_dir / "metrics.jsonl"
     torn = metrics_path.exists() and metrics_path.stat().st_size and not metrics_path.read_bytes().endswith(b"\n")
-    metrics_file = open(metrics_path, "a")
-    if torn:  # a kill cut the last line short: start ours on a fresh line
+    metrics_file = open(metrics_path, "a") if main else open(os.devnull, "w")
+    if torn and main:  # a kill cut the last line short: start ours on a fresh line
         metrics_file.write("\n")
 
     def write_metrics(rec: dict):
@@ -139,7 +151,7 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
     except ValueError:  # not the main thread (e.g. called from a worker): no preemption hook
         pass
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", dynamic_ncols=True, disable=not main)
     pending = None  # (step, metrics on device, dispatch time): fetched after the next step is dispatched
     last = {"time": time.time(), "step": start}
     last_good = ckpts.latest_step()
@@ -179,7 +191,7 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
     t_loop = time.time()
     try:
         for step in range(start, cfg.steps):
-            batch = jax.make_array_from_process_local_data(trainer.batch_sharding, batch_for_step(td, cfg, step))
+            batch = batch_for_step(td, cfg, step, trainer.batch_sharding)
             state, metrics = trainer.step(state, batch)
             done = step + 1
             if pending is not None:
@@ -193,8 +205,9 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
                 if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                     ev = heldout(trainer, state["params"], td, max_batches=cfg.eval_batches)
                     write_metrics({"step": done, "val_loss": ev["loss"], "val_bits_per_byte": ev["bits_per_byte"]})
-                    bar.write(f"step {done}: train loss {rec['loss']:.4f}, val loss {ev['loss']:.4f}, "
-                              f"{ev['bits_per_byte']:.3f} bits/byte")
+                    if main:
+                        bar.write(f"step {done}: train loss {rec['loss']:.4f}, val loss {ev['loss']:.4f}, "
+                                  f"{ev['bits_per_byte']:.3f} bits/byte")
                     last["time"] = time.time()  # don't count evaluation in tokens/s
                 if is_ckpt or stop["signal"]:
                     save(done, force=bool(stop["signal"]))
@@ -236,7 +249,8 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
                "train_seconds": train_time, "total_seconds": time.time() - t_start,
                "tokens_per_s": float(np.median(rates)) if rates else None,
                "parameters": counts, "sample": text}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     ckpts.close()
     metrics_file.close()
     return summary

@@ -1,0 +1,246 @@
+"""Several processes, one run: 2 processes x 4 CPU devices train exactly what 1 process x 8 devices trains
+(JAX's CPU collectives over loopback), write one set of run files and a checkpoint that restores; and the
+rules that decide when `jax.distributed.initialize` runs, with their one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, finished_steps, read_losses, run_script, subprocess_env
+from gptjax import config, distributed, sharding
+from gptjax.config import ConfigError
+from gptjax.trainer import batch_for_step
+
+STEPS = 4
+MESH = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.rules=fsdp_tp"]  # fsdp spans the two processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """Output goes to a file, not a pipe: a process blocked on a full pipe would stall its peers."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def launch(args: list[str], logs: Path, devices: int = 4, processes: int = 2) -> list[subprocess.Popen]:
+    """`processes` copies of one train.py command on the loopback address: process 0 learns its place from
+    flags, the others from the environment. Their output goes to logs/p<i>.log."""
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        env, cmd = subprocess_env(devices), ["train.py", *args]
+        if i == 0:
+            cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", "0"]
+        else:
+            env |= {"GPTJAX_COORDINATOR": f"127.0.0.1:{port}", "GPTJAX_NUM_PROCESSES": str(processes),
+                    "GPTJAX_PROCESS_ID": str(i)}
+        procs.append(start(cmd, env, logs / f"p{i}.log"))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    """(exit code, output) of each process, once all have exited; none outlives the test."""
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, p.log.read_text()) for p in procs]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_overrides, prepared):
+    """The same command as 2 processes x 4 devices and as 1 process x 8, all three processes at once.
+    Process 0 learns its place from flags, process 1 from the environment."""
+    root = tmp_path_factory.mktemp("multihost")
+    args = ["--config", "tiny", *tiny_overrides, *MESH, f"steps={STEPS}", "checkpoint.every=2", "sample_tokens=6"]
+    two = launch(args + [f"run_dir={root / 'two'}"], root)
+    one = start(["train.py", *args, f"run_dir={root / 'one'}"], subprocess_env(8), root / "one.log")
+    results = finish(two + [one])
+    for name, (rc, out) in zip(("process 0", "process 1", "one process"), results):
+        assert rc == 0, f"{name} exited {rc}:\n{out[-5000:]}"
+    return {"two": root / "two", "one": root / "one", "out": [out for _, out in results]}
+
+
+def test_two_processes_train_what_one_process_trains(runs):
+    two, one = read_losses(runs["two"]), read_losses(runs["one"])
+    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5)
+    assert len(set(two.values())) == STEPS  # the losses move: the steps really trained
+    s2, s1 = (json.loads((runs[k] / "summary.json").read_text()) for k in ("two", "one"))
+    assert s2["val_loss"] == pytest.approx(s1["val_loss"], rel=1e-5)  # the held-out evaluation, multi-process
+    assert s2["sample"] == s1["sample"] and len(s2["sample"]) > len(config.TrainConfig().sample_prompt)
+
+
+def test_only_process_zero_writes_and_prints(runs):
+    # one record per step (not one per process), the final evaluation once
+    lines = (runs["two"] / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == STEPS + 1
+    assert {"config.json", "tokenizer.model", "summary.json", "metrics.jsonl"} <= {p.name for p in runs["two"].iterdir()}
+    assert "held-out (step 4)" in runs["out"][0] and "sample:" in runs["out"][0]
+    assert "held-out" not in runs["out"][1] and "training" not in runs["out"][1]
+
+
+def test_checkpoint_of_two_processes_restores_and_evaluates(runs, tiny_overrides, token_data):
+    """Restored here in one process on 8 devices: the same parameters as the 1-process run's checkpoint,
+    and the same held-out loss as the run reported."""
+    from gptjax.checkpoint import Checkpoints
+    from gptjax.evaluate import heldout
+    from gptjax.train_lib import make_trainer
+
+    assert finished_steps(runs["two"]) == finished_steps(runs["one"]) == [2, 4]
+    cfg = config.load_json(runs["two"] / "config.json")
+    trainer = make_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    restored = {}
+    for k in ("two", "one"):
+        ck = Checkpoints(runs[k], read_only=True)
+        step, restored[k] = ck.restore(trainer.abstract_state(), params_only=True)
+        ck.close()
+        assert step == STEPS
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+                 restored["two"]["params"], restored["one"]["params"])
+    ev = heldout(trainer, restored["two"]["params"], token_data)
+    summary = json.loads((runs["two"] / "summary.json").read_text())
+    assert ev["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+
+
+def test_a_failure_on_process_zero_stops_every_process_with_one_line(tiny_overrides, tmp_path):
+    """Process 0 prepares the data while the others wait: when it fails they stop at once, not at a timeout."""
+    results = finish(launch([*tiny_overrides, "data.paths=/nonexistent/*.py", f"run_dir={tmp_path / 'run'}"],
+                            tmp_path), timeout=120)
+    assert [rc for rc, _ in results] == [2, 2], [out[-2000:] for _, out in results]
+    errors = [[line for line in out.splitlines() if line.startswith("error:")] for _, out in results]
+    assert errors[0] == ["error: data.paths entry '/nonexistent/*.py' matches no file; check the path or quote the glob"]
+    assert len(errors[1]) == 1 and errors[1][0].startswith("error: process 0 failed to prepare the run (DataError: data.paths")
+    assert not any("Traceback" in out for _, out in results)
+
+
+# ----------------------------------------------------------------------------------------------
+# When to start the distributed runtime: flags, then environment, then a recognised cluster.
+
+SLURM = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "3",
+         "SLURM_LOCALID": "3"}
+
+
+def flags(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    distributed.add_cli_flags(p)
+    return p.parse_args(list(argv))
+
+
+def plan(*argv, env=None, tpu=False):
+    return distributed.plan(flags(*argv), env or {}, on_tpu_vm=tpu)
+
+
+def test_a_plain_run_starts_nothing():
+    assert plan() is None
+    assert plan("--num-processes", "1") is None
+    assert plan(env={"GPTJAX_NUM_PROCESSES": "1"}) is None
+    assert plan(env={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) is None  # a one-task job
+
+
+def test_explicit_flags_and_environment():
+    want = {"coordinator_address": "10.0.0.2:8476", "num_processes": 4, "process_id": 3}
+    assert plan("--coordinator", "10.0.0.2:8476", "--num-processes", "4", "--process-id", "3") == want
+    env = {"GPTJAX_COORDINATOR": "10.0.0.2:8476", "GPTJAX_NUM_PROCESSES": "4", "GPTJAX_PROCESS_ID": "3"}
+    assert plan(env=env) == want
+    # flags win as a whole over the environment, and over cluster detection
+    got = plan("--coordinator", "[::1]:9000", "--num-processes", "2", "--process-id", "0", env=env | SLURM)
+    assert got == {"coordinator_address": "[::1]:9000", "num_processes": 2, "process_id": 0}
+
+
+def test_clusters_are_left_to_jax_detection():
+    assert plan(env=SLURM) == {}
+    batch_script = {k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}  # sbatch's shell, not srun
+    assert plan(env=batch_script) is None
+    assert plan(env={"OMPI_MCA_orte_hnp_uri": "1;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "8"}) == {}
+    assert plan(tpu=True) == {}
+    assert plan(env={"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}) == {}
+    assert plan(env={"TPU_SKIP_MDS_QUERY": "1"}, tpu=True) is None
+    assert plan("--distributed", "on") == {}
+    assert plan("--distributed", "off", env=SLURM) is None
+    assert plan(env=SLURM | {"GPTJAX_DISTRIBUTED": "off"}) is None
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--num-processes", "2"], {}, "missing: --coordinator, --process-id"),
+    (["--process-id", "1"], {}, "missing: --coordinator, --num-processes"),
+    (["--coordinator", "h:1"], {}, "missing: --num-processes, --process-id"),
+    ([], {"GPTJAX_NUM_PROCESSES": "2", "GPTJAX_PROCESS_ID": "0"}, "missing: GPTJAX_COORDINATOR"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], {}, "process id 2 is out of range"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "-1"], {}, "out of range for 2 processes"),
+    (["--num-processes", "2", "--process-id", "2"], {}, "process id 2 is out of range"),
+    (["--coordinator", "h:1", "--num-processes", "0", "--process-id", "0"], {}, "at least 1"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], {}, "must be HOST:PORT"),
+    (["--coordinator", "h:99999", "--num-processes", "2", "--process-id", "0"], {}, "must be HOST:PORT"),
+    ([], {"GPTJAX_COORDINATOR": "h:1", "GPTJAX_NUM_PROCESSES": "two", "GPTJAX_PROCESS_ID": "0"}, "must be an integer"),
+    (["--distributed", "off", "--num-processes", "2"], {}, "contradicts"),
+    ([], {"GPTJAX_DISTRIBUTED": "maybe"}, "choose one of auto, on, off"),
+])
+def test_inconsistent_settings_are_one_line_errors(argv, env, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        plan(*argv, env=env)
+    assert "\n" not in str(e.value)
+
+
+def test_initialize_leaves_a_single_process_alone(monkeypatch):
+    for k in list(distributed.ENV.values()) + list(distributed.SLURM_VARS) + ["OMPI_MCA_orte_hnp_uri",
+                                                                            "TPU_WORKER_HOSTNAMES"]:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")  # should the tests ever run on a TPU VM
+    distributed.initialize(flags())
+    assert not jax.distributed.is_initialized() and jax.process_count() == 1
+
+
+def test_train_py_reports_bad_flags_in_one_line(tiny_overrides, tmp_path):
+    proc = run_script("train.py", *tiny_overrides, f"run_dir={tmp_path}", "--num-processes", "2", "--process-id", "5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: process id 5 is out of range for 2 processes (use 0..1)"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Which rows of a batch each process reads.
+
+
+class FakeSharding:
+    """What a 2-process mesh looks like from one process: the row spans of its devices."""
+
+    def __init__(self, spans):
+        self.spans = spans
+
+    def addressable_devices_indices_map(self, shape):
+        return {i: (slice(a, b), slice(None)) for i, (a, b) in enumerate(self.spans)}
+
+
+def test_local_rows_follow_the_devices_of_this_process(train_cfg, token_data):
+    assert distributed.local_rows(FakeSharding([(4, 6), (6, 8), (4, 6)]), (8, 33), 0) == slice(4, 8)
+    assert distributed.local_rows(FakeSharding([(0, 8)] * 4), (8, 33), 0) == slice(0, 8)  # replicated
+    with pytest.raises(ConfigError, match="non-contiguous rows"):
+        distributed.local_rows(FakeSharding([(0, 2), (4, 6)]), (8, 33), 0)
+    # one process: the whole global batch, micro-batches in order, as before
+    cfg = dataclasses.replace(train_cfg, micro_batches=2)
+    mesh = sharding.make_mesh(config.MeshConfig(data=2, fsdp=2, tensor=2))
+    got = batch_for_step(token_data, cfg, 7, sharding.batch_sharding(mesh, "fsdp", ndim=3, leading=1))
+    want = token_data.batch(cfg.seed, 7, 8, 32).reshape(2, 4, 33)
+    np.testing.assert_array_equal(np.asarray(got), want)
