@@ -55,16 +55,31 @@ PEAK_FLOPS = {
 }
 
 
-def device_peak_flops(device: jax.Device | None = None) -> float | None:
-    """Peak FLOP/s of one device, or None where unknown (CPUs)."""
-    device = device or jax.devices()[0]
+# Memory per chip (HBM) in GiB, matched the same way.
+HBM_GIB = {
+    "H200": 141, "H100": 80, "H100 PCIe": 80, "A100": 80, "L4": 24, "A10G": 24,
+    "TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95, "TPU v6 lite": 32, "TPU v6e": 32,
+}
+
+
+def _lookup(table: dict, device) -> float | None:
     if device.platform == "cpu":
         return None
     kind = getattr(device, "device_kind", "")
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific name first
+    for name in sorted(table, key=len, reverse=True):  # most specific name first
         if name.lower() in kind.lower():
-            return PEAK_FLOPS[name]
+            return table[name]
     return None
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+    """Peak FLOP/s of one device, or None where unknown (CPUs)."""
+    return _lookup(PEAK_FLOPS, device or jax.devices()[0])
+
+
+def device_memory_gib(device: jax.Device | None = None) -> float | None:
+    """HBM of one device in GiB, or None where unknown (CPUs)."""
+    return _lookup(HBM_GIB, device or jax.devices()[0])
 
 
 def mfu(tokens_per_s: float, cfg: ModelConfig, n_devices: int, peak: float | None) -> float | None:

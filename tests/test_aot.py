@@ -1,0 +1,83 @@
+"""Ahead-of-time compilation: the training step compiled for a TPU topology on this CPU machine (libtpu),
+per-device memory that falls as FSDP grows, "does not fit" reported as a result, and train.py's
+--compile-only command with its errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+from conftest import run_script
+from gptjax import aot, config
+
+# The smallest model splash attention can tile (T a multiple of 128), dense and banded layers, scanned.
+AOT_MODEL = ["model.n_layer=2", "model.d_model=128", "model.n_head=2", "model.block_size=128",
+             "model.vocab_size=512", "model.attention_pattern=dense,banded", "model.local_window=32",
+             "model.scan_layers=true", "batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def v5e_2x2():
+    return aot.topology_devices("v5e:2x2")
+
+
+def test_train_step_compiles_for_a_tpu_topology_with_splash_attention(v5e_2x2):
+    assert len(v5e_2x2) == 4 and v5e_2x2[0].platform == "tpu"
+    cfg = config.resolve("tiny", AOT_MODEL + ["model.dtype=bfloat16", "mesh.fsdp=2", "mesh.tensor=2",
+                                              "mesh.rules=fsdp_tp"])
+    r = aot.compile_step(cfg, v5e_2x2, topology="v5e:2x2")
+    assert r["attention_impl"] == "splash"  # "auto" resolved for the target, not for this CPU
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert r["hbm_gib"] == 16 and r["fits"] is True
+    assert 0 < r["total_gib"] < 1 and r["argument_gib"] > 0 and r["temp_gib"] > 0
+    assert r["xla_flops_per_step"] > 0 and r["kernel_flops_per_step"] > 0
+    assert 0.3 < r["mfu_ceiling"] <= 1.0
+    text = aot.describe(r)
+    assert "v5e:2x2" in text and "fits" in text and "MFU ceiling" in text
+
+
+def test_a_model_too_big_for_the_chips_is_reported_not_raised(v5e_2x2):
+    # ~7B parameters of float32 weights + Adam state over 4 chips of 16 GiB
+    cfg = config.resolve("tiny", ["model.n_layer=2", "model.d_model=16384", "model.n_head=128",
+                                  "model.block_size=128", "model.vocab_size=512", "batch_size=4"])
+    r = aot.compile_step(cfg, v5e_2x2, topology="v5e:2x2")
+    assert r["fits"] is False
+    assert r["total_gib"] > 16, r
+    assert "DOES NOT FIT" in aot.describe(r)
+
+
+def test_per_device_state_memory_falls_as_fsdp_grows():
+    """Parameters + optimizer state per device ~ total / fsdp (the batch per device stays the same)."""
+    args = {}
+    for fsdp in (1, 2, 4, 8):
+        cfg = config.resolve("tiny", AOT_MODEL + ["model.attention_pattern=dense", f"mesh.fsdp={fsdp}", "mesh.data=-1",
+                                                  "model.vocab_size=4096", "model.scan_layers=false"])
+        args[fsdp] = aot.compile_step(cfg, jax.devices())["argument_gib"]
+    batch_gib = 8 / 8 * 129 * 4 / 2**30  # int32 tokens, one sequence per device
+    state = {f: a - batch_gib for f, a in args.items()}
+    for f in (2, 4, 8):
+        assert abs(state[f] - state[1] / f) / (state[1] / f) < 0.1, state
+
+
+def test_compile_only_command(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_script("train.py", "--config", "tiny", *AOT_MODEL, "--compile-only", "--topology", "v5e:2x2",
+                      "--json", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fits" in proc.stdout and not (tmp_path / "runs").exists()
+    r = json.loads(out.read_text())
+    assert r["devices"] == 4 and r["fits"] is True and r["attention_impl"] == "splash"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--topology", "v5e:2x2"], "--compile-only"),
+    (["--compile-only", "--topology", "v5e"], "not a TPU topology"),
+    (["--compile-only", "--topology", "v99:2x2"], "does not know the topology"),
+])
+def test_compile_only_errors_are_one_line(argv, message):
+    proc = run_script("train.py", "--config", "tiny", *AOT_MODEL, *argv, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
