@@ -172,7 +172,7 @@ def _unknown(key: str, cls) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint} (valid keys: python train.py --list-keys)")
 
 
-def _coerce(key: str, t, v):
+def coerce(key: str, t, v):
     """Check or convert value `v` (from JSON, or a string from the command line) to type `t`."""
     origin = typing.get_origin(t)
     if origin is tuple:
@@ -181,7 +181,7 @@ def _coerce(key: str, t, v):
         if not isinstance(v, (list, tuple)):
             raise ConfigError(f"'{key}' expects a comma-separated list, got {v!r}")
         (elem, _ellipsis) = typing.get_args(t)
-        return tuple(_coerce(key, elem, x) for x in v)
+        return tuple(coerce(key, elem, x) for x in v)
     if t is bool:
         if isinstance(v, bool):
             return v
@@ -226,7 +226,7 @@ def from_dict(cls, d: dict, prefix: str = ""):
         if k not in names:
             raise _unknown(prefix + k, cls)
         t = hints[k]
-        kwargs[k] = from_dict(t, v, prefix + k + ".") if dataclasses.is_dataclass(t) else _coerce(prefix + k, t, v)
+        kwargs[k] = from_dict(t, v, prefix + k + ".") if dataclasses.is_dataclass(t) else coerce(prefix + k, t, v)
     return cls(**kwargs)
 
 
@@ -248,7 +248,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         last = parts[-1]
         if last not in hints or dataclasses.is_dataclass(hints[last]):
             raise _unknown(key, TrainConfig)
-        node[last] = _coerce(key, hints[last], value)
+        node[last] = coerce(key, hints[last], value)
     return validate(from_dict(TrainConfig, d))
 
 

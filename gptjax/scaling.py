@@ -121,7 +121,7 @@ def _build(cls, d: Any, where: str):
             kwargs[k] = tuple(_build(SizeSpec, s, f"{key}[{i}]") for i, s in enumerate(v))
         else:
             try:
-                kwargs[k] = config_lib._coerce(key, t, v)
+                kwargs[k] = config_lib.coerce(key, t, v)
             except ConfigError as e:
                 raise SweepError(str(e)) from None
     return cls(**kwargs)
