@@ -23,7 +23,7 @@ from gptjax import flops as flops_lib
 from gptjax.attention import resolve_impl
 from gptjax.config import ConfigError, TrainConfig
 from gptjax.sharding import make_mesh
-from gptjax.train_lib import make_trainer
+from gptjax.train_lib import check_batch_fits_mesh, make_trainer
 
 GIB = 2**30
 _OOM = re.compile(r"(RESOURCE_EXHAUSTED|[Oo]ut of memory|OOM)")
@@ -54,10 +54,38 @@ def _kernel_attention_flops(cfg: TrainConfig) -> float:
     m = cfg.model
     if m.attention_impl != "splash":
         return 0.0
-    fwd = sum(4 * (min(m.block_size, m.local_window) if k == "banded" else m.block_size) * m.d_model
-              for k in (m.attention_pattern * (m.n_layer // len(m.attention_pattern))))
     passes = 3 + (1 if m.remat != "none" else 0)  # forward, backward (2x), and a recomputed forward
-    return passes * fwd * cfg.tokens_per_step
+    return passes * flops_lib.attention_flops_per_token(m) * cfg.tokens_per_step
+
+
+def _compile(cfg: TrainConfig, mesh):
+    trainer = make_trainer(cfg, mesh)
+    M, T = cfg.micro_batches, cfg.model.block_size
+    batch = jax.ShapeDtypeStruct((M, cfg.batch_size // M, T + 1), jnp.int32, sharding=trainer.batch_sharding)
+    return trainer.step.lower(trainer.abstract_state(), batch).compile()
+
+
+def _xla_flops(cfg: TrainConfig, mesh, compiled) -> float | None:
+    """FLOPs per step by XLA's cost analysis, which counts a loop body once however often it runs. Two loops
+    need correcting: gradient accumulation over micro-batches, and the scan over layer superblocks."""
+    n = mesh.devices.size
+    M = cfg.micro_batches
+    one = dataclasses.replace(cfg, batch_size=cfg.batch_size // M, micro_batches=1)  # one micro-batch
+    flops = _flops(compiled, n) if M == 1 else _flops(_compile(one, mesh), n)
+    P = len(cfg.model.attention_pattern)
+    G = cfg.model.n_layer // P
+    if flops and cfg.model.scan_layers and G > 1:
+        # The same step with two superblocks unrolled costs (everything else) + 2 bodies: the difference is one.
+        two = dataclasses.replace(one, model=dataclasses.replace(cfg.model, n_layer=2 * P, scan_layers=False))
+        flops += (G - 1) * (_flops(_compile(two, mesh), n) - flops)
+    # the optimizer update, counted M times here, is a negligible share of a step
+    return None if flops is None else M * flops
+
+
+def _flops(compiled, n_devices: int) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # per device
+    return float(cost["flops"]) * n_devices if cost and cost.get("flops") else None
 
 
 def compile_step(cfg: TrainConfig, devices: list | None = None, *, topology: str | None = None,
@@ -69,14 +97,8 @@ def compile_step(cfg: TrainConfig, devices: list | None = None, *, topology: str
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, attention_impl=resolve_impl(cfg.model.attention_impl, platform)))
     mesh = make_mesh(cfg.mesh, devices)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.batch_size // cfg.micro_batches
-    if micro % shards:
-        raise ConfigError(f"the micro-batch of {micro} sequences (batch_size / micro_batches) must be divisible by "
-                          f"the {shards} data x fsdp devices; change batch_size or the mesh")
-    trainer = make_trainer(cfg, mesh)
-    M, T = cfg.micro_batches, cfg.model.block_size
-    batch = jax.ShapeDtypeStruct((M, cfg.batch_size // M, T + 1), jnp.int32, sharding=trainer.batch_sharding)
+    check_batch_fits_mesh(cfg, mesh)
+    T = cfg.model.block_size
     hbm = flops_lib.device_memory_gib(devices[0])
     peak = flops_lib.device_peak_flops(devices[0])
     model_flops = flops_lib.flops_per_token(cfg.model) * cfg.tokens_per_step
@@ -91,11 +113,13 @@ def compile_step(cfg: TrainConfig, devices: list | None = None, *, topology: str
     }
     t0 = time.perf_counter()
     try:
-        compiled = trainer.step.lower(trainer.abstract_state(), batch).compile()
+        compiled = _compile(cfg, mesh)
     except Exception as e:
         msg = str(e)
         if not _OOM.search(msg):
-            raise
+            raise ConfigError(f"the training step did not compile for {topology or platform} (attention "
+                              f"{cfg.model.attention_impl}, mesh {dict(mesh.shape)}): {type(e).__name__}: "
+                              f"{msg.strip().splitlines()[0][:400] if msg.strip() else ''}") from e
         report.update(fits=False, compile_s=time.perf_counter() - t0, error=msg.strip().splitlines()[0][:300])
         # e.g. "Used 29.5G of 15.75G hbm" or "memory required for HLO temporaries (27.48G) exceeds available
         # HBM (15.75G)": the first size is what the step needs
@@ -112,17 +136,8 @@ def compile_step(cfg: TrainConfig, devices: list | None = None, *, topology: str
     report["total_gib"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                            - mem.alias_size_in_bytes) / GIB
     report["fits"] = None if hbm is None else report["total_gib"] <= hbm
-    xla_flops = _flops(compiled, len(devices))
-    P = len(cfg.model.attention_pattern)
-    G = cfg.model.n_layer // P
-    if xla_flops and cfg.model.scan_layers and G > 1:
-        # XLA's cost analysis counts a loop body once, however many times the scan runs it. The same step
-        # with two superblocks unrolled costs (everything else) + 2 bodies: the difference is one body.
-        two = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=2 * P, scan_layers=False))
-        t2 = make_trainer(two, mesh)
-        flops2 = _flops(t2.step.lower(t2.abstract_state(), batch).compile(), len(devices))
-        xla_flops += (G - 1) * (flops2 - xla_flops)
-        report["compile_s"] = time.perf_counter() - t0
+    xla_flops = _xla_flops(cfg, mesh, compiled)
+    report["compile_s"] = time.perf_counter() - t0
     report["xla_flops_per_step"] = xla_flops
     report["kernel_flops_per_step"] = _kernel_attention_flops(cfg)
     if xla_flops:

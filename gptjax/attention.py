@@ -143,7 +143,7 @@ def _splash_kernel(N: int, T: int, window: int | None, interpret: bool):
         head_mask = sa.CausalMask((T, T))
     else:  # keys j with i - (w - 1) <= j <= i: the band of w keys
         head_mask = sa.LocalMask((T, T), window_size=(window - 1, 0), offset=0)
-    b = min(512, T)
+    b = next(b for b in (512, 256, 128) if T % b == 0)  # the largest tile that divides T (T % 128 == 0)
     sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     return sa.make_splash_mha(sa.MultiHeadMask([head_mask] * N), block_sizes=sizes, head_shards=1,

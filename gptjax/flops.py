@@ -25,16 +25,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
     Forward: 2 FLOPs per multiply-add over every non-embedding weight matrix, plus the output layer
     (2 * D * V, tied weights still cost a matmul), plus attention scores and weighted values
     (2 * 2 * T * D per layer, full T x T as the kernels compute it). Training is 3x forward."""
-    T = seq_len or cfg.block_size
     D, F, L, V = cfg.d_model, cfg.ff_dim, cfg.n_layer, cfg.padded_vocab
     per_layer = 2 * (D * 3 * D + D * D + 2 * D * F)
-    attn = 0
-    for i in range(L):
-        kind = cfg.attention_pattern[i % len(cfg.attention_pattern)]
-        span = min(T, cfg.local_window) if kind == "banded" else T
-        attn += 2 * 2 * span * D
-    fwd = L * per_layer + attn + 2 * D * V
+    fwd = L * per_layer + attention_flops_per_token(cfg, seq_len) + 2 * D * V
     return float(3 * fwd if training else fwd)
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward FLOPs per token of attention scores and weighted values, all layers (a band of w keys costs w)."""
+    T = seq_len or cfg.block_size
+    spans = (min(T, cfg.local_window) if kind == "banded" else T
+             for kind in cfg.attention_pattern * (cfg.n_layer // len(cfg.attention_pattern)))
+    return float(sum(2 * 2 * span * cfg.d_model for span in spans))
 
 
 # Dense bf16 peak FLOP/s per chip (no sparsity), matched against device_kind.

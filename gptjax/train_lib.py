@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import sharding
-from gptjax.config import TrainConfig
+from gptjax.config import ConfigError, TrainConfig
 from gptjax.model import Params, abstract_params, forward, init_params, logical_axes, vocab_mask
 from gptjax.optim import make_optimizer, schedule
 
@@ -62,6 +62,14 @@ class Trainer:
         shapes = jax.eval_shape(self.init, jax.random.key(0))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                             self.state_shardings)
+
+
+def check_batch_fits_mesh(cfg: TrainConfig, mesh: Mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.batch_size // cfg.micro_batches
+    if micro % shards:
+        raise ConfigError(f"the micro-batch of {micro} sequences (batch_size / micro_batches) must be divisible by "
+                          f"the {shards} data x fsdp devices; change batch_size or the mesh")
 
 
 def make_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:

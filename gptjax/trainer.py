@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from gptjax import config as config_lib
@@ -27,7 +28,7 @@ from gptjax.config import ConfigError, TrainConfig
 from gptjax.evaluate import heldout
 from gptjax.generate import sample
 from gptjax.sharding import make_mesh
-from gptjax.train_lib import make_trainer
+from gptjax.train_lib import check_batch_fits_mesh, make_trainer
 
 
 class NonFiniteLoss(RuntimeError):
@@ -109,11 +110,7 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
         (run_dir / "data.json").write_text(json.dumps({"data_dir": str(data_dir.absolute())}, indent=2) + "\n")
 
     mesh = make_mesh(cfg.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.batch_size // cfg.micro_batches
-    if micro % shards:
-        raise ConfigError(f"the micro-batch of {micro} sequences (batch_size / micro_batches) must be divisible by "
-                          f"the {shards} data x fsdp devices; change batch_size or the mesh")
+    check_batch_fits_mesh(cfg, mesh)
     trainer = make_trainer(cfg, mesh)
     ckpts = Checkpoints(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, log=log)
     cfg_dict = config_lib.to_dict(cfg)
@@ -145,6 +142,16 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
 
     def on_sigterm(signum, frame):
         stop["signal"] = signum
+
+    def preempted(done: int) -> bool:
+        """Whether to save and stop after step `done`. With several processes, all must agree (the save is
+        collective) although each receives its own signal, possibly steps apart: they compare flags every
+        log_every steps, at the same steps."""
+        if jax.process_count() == 1:
+            return bool(stop["signal"])
+        if done % cfg.log_every:
+            return False
+        return bool(multihost_utils.process_allgather(np.int32(stop["signal"] is not None)).any())
 
     try:
         old_handler = signal.signal(signal.SIGTERM, on_sigterm)
@@ -199,7 +206,8 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
             pending = (done, metrics, time.time())
             bar.update(1)
             is_ckpt = done % cfg.checkpoint.every == 0 or done == cfg.steps
-            if is_ckpt or stop["signal"] or (cfg.eval_every and done % cfg.eval_every == 0):
+            stopping = preempted(done)
+            if is_ckpt or stopping or (cfg.eval_every and done % cfg.eval_every == 0):
                 rec = record(pending)  # checked finite before anything is saved
                 pending = None
                 if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
@@ -209,12 +217,13 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
                         bar.write(f"step {done}: train loss {rec['loss']:.4f}, val loss {ev['loss']:.4f}, "
                                   f"{ev['bits_per_byte']:.3f} bits/byte")
                     last["time"] = time.time()  # don't count evaluation in tokens/s
-                if is_ckpt or stop["signal"]:
-                    save(done, force=bool(stop["signal"]))
-                if stop["signal"]:
+                if is_ckpt or stopping:
+                    save(done, force=stopping)
+                if stopping:
                     ckpts.wait()
                     bar.close()
-                    raise Preempted(f"received signal {stop['signal']}: saved a checkpoint at step {done} in "
+                    raise Preempted(f"received signal {stop['signal'] or 'SIGTERM (on another process)'}: saved a "
+                                    f"checkpoint at step {done} in "
                                     f"{ckpts.dir}; rerun the same command to resume")
         if pending is not None:
             record(pending)

@@ -5,12 +5,13 @@ per-device memory that falls as FSDP grows, "does not fit" reported as a result,
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import pytest
 
 from conftest import run_script
-from gptjax import aot, config
+from gptjax import aot, attention, config
 
 # The smallest model splash attention can tile (T a multiple of 128), dense and banded layers, scanned.
 AOT_MODEL = ["model.n_layer=2", "model.d_model=128", "model.n_head=2", "model.block_size=128",
@@ -23,11 +24,14 @@ def v5e_2x2():
     return aot.topology_devices("v5e:2x2")
 
 
-def test_train_step_compiles_for_a_tpu_topology_with_splash_attention(v5e_2x2):
+def test_train_step_compiles_for_a_tpu_topology_with_splash_attention(v5e_2x2, caplog):
     assert len(v5e_2x2) == 4 and v5e_2x2[0].platform == "tpu"
     cfg = config.resolve("tiny", AOT_MODEL + ["model.dtype=bfloat16", "mesh.fsdp=2", "mesh.tensor=2",
                                               "mesh.rules=fsdp_tp"])
-    r = aot.compile_step(cfg, v5e_2x2, topology="v5e:2x2")
+    attention._said.clear()
+    with caplog.at_level(logging.WARNING, logger="gptjax.attention"):
+        r = aot.compile_step(cfg, v5e_2x2, topology="v5e:2x2")
+    assert not caplog.records, "splash attention fell back: " + caplog.records[0].getMessage()
     assert r["attention_impl"] == "splash"  # "auto" resolved for the target, not for this CPU
     assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
     assert r["hbm_gib"] == 16 and r["fits"] is True
@@ -59,6 +63,27 @@ def test_per_device_state_memory_falls_as_fsdp_grows():
     state = {f: a - batch_gib for f, a in args.items()}
     for f in (2, 4, 8):
         assert abs(state[f] - state[1] / f) / (state[1] / f) < 0.1, state
+
+
+def test_compiler_flops_count_every_micro_batch_and_every_scanned_layer():
+    """XLA counts a loop body once; the report corrects for both loops of the step."""
+    base = AOT_MODEL + ["model.attention_pattern=dense", "model.n_layer=4"]
+    flops = {}
+    for name, extra in {"plain": ["model.scan_layers=false"], "scanned": ["model.scan_layers=true"],
+                        "micro": ["model.scan_layers=true", "micro_batches=2"]}.items():
+        r = aot.compile_step(config.resolve("tiny", base + extra), jax.devices()[:1])
+        flops[name] = r["xla_flops_per_step"]
+        assert r["model_flops_per_step"] == flops_model(base)
+    assert abs(flops["scanned"] / flops["plain"] - 1) < 0.01, flops
+    assert abs(flops["micro"] / flops["plain"] - 1) < 0.02, flops
+    assert 0.9 < flops_model(base) / flops["plain"] <= 1.0  # the analytic count misses only elementwise work
+
+
+def flops_model(overrides):
+    from gptjax import flops as flops_lib
+
+    cfg = config.resolve("tiny", overrides)
+    return flops_lib.flops_per_token(cfg.model) * cfg.tokens_per_step
 
 
 def test_compile_only_command(tmp_path):

@@ -244,3 +244,28 @@ def test_local_rows_follow_the_devices_of_this_process(train_cfg, token_data):
     got = batch_for_step(token_data, cfg, 7, sharding.batch_sharding(mesh, "fsdp", ndim=3, leading=1))
     want = token_data.batch(cfg.seed, 7, 8, 32).reshape(2, 4, 33)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path, tiny_overrides, prepared):
+    """Preemption reaches hosts at different moments: a signal to process 1 alone still makes both processes
+    save the same step together and exit 143 (rather than one saving while the other trains on: a hang)."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    procs = launch(["--config", "tiny", *tiny_overrides, *MESH, "steps=5000", "log_every=2", "checkpoint.every=1000",
+                    f"run_dir={run}"], tmp_path)
+    try:
+        deadline = time.time() + 240
+        while len(read_losses(run) if (run / "metrics.jsonl").exists() else {}) < 4:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].log.read_text()[-3000:]
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        results = finish(procs, timeout=180)
+    for rc, out in results:
+        assert rc == 143, out[-3000:]
+    stopped = finished_steps(run)
+    assert len(stopped) == 1 and stopped[0] % 2 == 0 and 4 <= stopped[0] < 5000, stopped
+    assert max(read_losses(run)) == stopped[0]
+    assert f"saved a checkpoint at step {stopped[0]}" in results[0][1]
