@@ -517,7 +517,7 @@ def _bootstrap(fit_one: Callable[[np.ndarray, np.ndarray | None], np.ndarray], n
     out = []
     for _ in range(n):
         idx = rng.integers(0, n_points, n_points)
-        if len(np.unique(idx)) < 3:
+        if len(np.unique(idx)) < max(3, len(best)):  # fewer distinct points than parameters: underdetermined
             continue
         out.append(fit_one(idx, best))
     return np.array(out)
