@@ -797,6 +797,24 @@ def predict(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None 
 # Plots (matplotlib, Agg)
 
 
+def _finish(fig, ax, xlabel: str, title: str, path: Path, *, log_y: bool = True) -> Path:
+    """Log axes, labels, a legend where something is labelled; save the PNG and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(sweep_dir: str | Path, out_dir: str | Path | None = None, fits: dict | None = None) -> list[Path]:
     """loss_vs_compute.png, loss_vs_n.png and isoflop.png from results.jsonl (and fits.json, prediction.json)."""
     import matplotlib
@@ -836,17 +854,8 @@ def plot(sweep_dir: str | Path, out_dir: str | Path | None = None, fits: dict | 
                     fmt="*", color="tab:orange", ms=12, capsize=3, label="predicted (fit on <= 1/10 compute)")
         if "actual_loss" in pred:
             ax.scatter(pred["C"], pred["actual_loss"], marker="x", color="tab:red", s=80, label="measured", zorder=5)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("C = 6 N D (FLOPs)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("loss vs compute (circles: ladder, squares: isoFLOP; colour: N)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out_dir / "loss_vs_compute.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_finish(fig, ax, "C = 6 N D (FLOPs)", "loss vs compute (circles: ladder, squares: isoFLOP; colour: N)",
+                           out_dir / "loss_vs_compute.png"))
 
     # loss vs N on the ladder
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -858,17 +867,7 @@ def plot(sweep_dir: str | Path, out_dir: str | Path | None = None, fits: dict | 
         ax.plot(ng, power_law(p, ng), "b-", lw=1, label=f"(N_c/N)^{p['alpha']:.3f} + {p['E']:.2f}")
         q = fits["L_N_no_offset"]
         ax.plot(ng, power_law(q, ng), "b:", lw=1, label=f"(N_c/N)^{q['alpha']:.3f}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("N (parameters)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("loss vs model size")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out_dir / "loss_vs_n.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_finish(fig, ax, "N (parameters)", "loss vs model size", out_dir / "loss_vs_n.png"))
 
     # isoFLOP curves
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -886,14 +885,6 @@ def plot(sweep_dir: str | Path, out_dir: str | Path | None = None, fits: dict | 
         if "L_ND" in fits:
             x = np.geomspace(rs[0]["N"], rs[-1]["N"], 100)
             ax.plot(x, chinchilla_loss(fits["L_ND"], x, b / (6 * x)), "--", color=bc[b], lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("N (parameters)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("isoFLOP curves (solid: parabola, dashed: L(N, D) fit, triangle: minimum)")
-    if budgets:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out_dir / "isoflop.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_finish(fig, ax, "N (parameters)", "isoFLOP curves (solid: parabola, dashed: L(N, D) fit, "
+                           "triangle: minimum)", out_dir / "isoflop.png", log_y=False))
     return written
