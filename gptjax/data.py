@@ -127,6 +127,119 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
+class BPETokenizer:
+    """GPT-2's byte-level BPE, read from local files with the `tokenizers` library: a `tokenizer.json`, or
+    GPT-2's original `vocab.json` + `merges.txt`. The same interface as `Tokenizer`; pad is end-of-text,
+    as GPT-2 has no pad token."""
+
+    def __init__(self, path: str | Path):
+        try:
+            import tokenizers
+        except ImportError:
+            raise DataError('reading a GPT-2 tokenizer needs the tokenizers package: pip install -e ".[hf]"') from None
+        self.path = Path(path)
+        try:
+            if self.path.is_dir():  # vocab.json + merges.txt, as GPT-2 shipped them
+                self.tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(
+                    str(self.path / "vocab.json"), str(self.path / "merges.txt")))
+                self.tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+                self.tok.decoder = tokenizers.decoders.ByteLevel()
+                if self.tok.token_to_id(EOT) is not None:
+                    self.tok.add_special_tokens([EOT])  # matched whole in text, never split into pieces
+            else:
+                self.tok = tokenizers.Tokenizer.from_file(str(self.path))
+        except Exception as e:  # the library raises plain Exceptions for unreadable files
+            raise DataError(f"cannot read the BPE tokenizer in {self.path}: {e}") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        eot = self.tok.token_to_id(EOT)
+        if eot is None:
+            raise DataError(f"the tokenizer in {self.path} has no {EOT} token; gptjax separates documents and stops "
+                            f"samples with it, so use GPT-2's tokenizer files (or add {EOT} as a special token)")
+        self.eot_id = self.pad_id = eot
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        # like Tokenizer: end-of-text and other special tokens decode to nothing
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+# GPT-2's pre-tokenizer pattern (tiktoken's r50k_base / gpt2)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class TiktokenTokenizer:
+    """GPT-2's BPE from a local tiktoken rank file (`*.tiktoken`, e.g. r50k_base.tiktoken: one
+    `base64(token bytes) rank` per line) with GPT-2's pre-tokenizer pattern; end-of-text takes the next id
+    after the ranks, as in GPT-2 (50256)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            import base64
+
+            import tiktoken
+        except ImportError:
+            raise DataError('reading a .tiktoken file needs the tiktoken package: pip install tiktoken') from None
+        self.path = Path(path)
+        try:
+            ranks = {}
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read the tiktoken file {self.path}: {e}") from None
+        self.eot_id = self.pad_id = max(ranks.values()) + 1
+        self.enc = tiktoken.Encoding(self.path.stem, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens={EOT: self.eot_id})
+        self.vocab_size = self.eot_id + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode(text, allowed_special="all")
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_batch(texts, allowed_special="all")
+
+    def decode(self, ids) -> str:
+        return self.enc.decode([int(i) for i in ids if int(i) != self.eot_id], errors="replace")
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt")
+
+
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    """The tokenizer files in `directory` that `load_tokenizer` reads (what to copy along with a model)."""
+    d = Path(directory)
+    return [d / n for n in TOKENIZER_FILES if (d / n).is_file()] + sorted(d.glob("*.tiktoken"))
+
+
+def load_tokenizer(run_dir: str | Path):
+    """The tokenizer of a run directory, by the files it holds, first match wins:
+    tokenizer.model (SentencePiece, what train.py writes); tokenizer.json or vocab.json + merges.txt
+    (GPT-2 byte-level BPE, via `tokenizers`); a single *.tiktoken file (GPT-2 BPE ranks, via `tiktoken`)."""
+    d = Path(run_dir)
+    if (d / "tokenizer.model").is_file():
+        return Tokenizer(d / "tokenizer.model")
+    if (d / "tokenizer.json").is_file():
+        return BPETokenizer(d / "tokenizer.json")
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        return BPETokenizer(d)
+    tk = sorted(d.glob("*.tiktoken"))
+    if len(tk) == 1:
+        return TiktokenTokenizer(tk[0])
+    if len(tk) > 1:
+        raise DataError(f"{d} holds several .tiktoken files ({', '.join(p.name for p in tk)}); keep one")
+    raise DataError(f"{d} holds no tokenizer (tokenizer.model, tokenizer.json, vocab.json + merges.txt, or a "
+                    f".tiktoken file). For a run imported from Hugging Face, copy the model's tokenizer.json (or "
+                    f"vocab.json and merges.txt) into {d}, or convert again with "
+                    f"python convert.py from-hf HF_DIR RUN_DIR --tokenizer DIR; for a train.py run, re-run "
+                    f"python train.py run_dir={d} to write tokenizer.model")
+
+
 def _chunks(texts: list[str], max_bytes: int = 8000) -> Iterator[str]:
     """Split documents into runs of whole lines: SentencePiece trains on 'sentences', and keeping
     the newlines inside them lets pieces like '):\\n' and indentation runs form."""
