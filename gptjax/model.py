@@ -144,17 +144,27 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
-def block(cfg: ModelConfig, p: Params, x_BTD: jax.Array, kind: str, key: jax.Array | None) -> jax.Array:
-    """One Transformer block (one layer's slice of the stacked parameters)."""
+def block(cfg: ModelConfig, p: Params, x_BTD: jax.Array, kind: str, key: jax.Array | None,
+          attend=None) -> jax.Array | tuple[jax.Array, Any]:
+    """One Transformer block (one layer's slice of the stacked parameters).
+
+    `attend(q_BTNH, k_BTNH, v_BTNH) -> (o_BTNH, aux)` replaces the attention core (the KV cache in
+    generate.py does); the block then returns (x_BTD, aux).
+    """
     dt = x_BTD.dtype
     k_att, k_res1, k_res2 = jax.random.split(key, 3) if key is not None else (None, None, None)
+    aux = []
 
     def attn_branch(h_BTD):
         a = p["attn"]
         qkv_BTKNH = jnp.einsum("BTD,DKNH->BTKNH", h_BTD, a["c_attn"]["kernel"].astype(dt)) + a["c_attn"]["bias"].astype(dt)
         q_BTNH, k_BTNH, v_BTNH = qkv_BTKNH[:, :, 0], qkv_BTKNH[:, :, 1], qkv_BTKNH[:, :, 2]
-        o_BTNH = attention(q_BTNH, k_BTNH, v_BTNH, window=cfg.local_window if kind == "banded" else None,
-                           impl=cfg.attention_impl, dropout_rate=cfg.attn_pdrop, dropout_key=k_att)
+        if attend is None:
+            o_BTNH = attention(q_BTNH, k_BTNH, v_BTNH, window=cfg.local_window if kind == "banded" else None,
+                               impl=cfg.attention_impl, dropout_rate=cfg.attn_pdrop, dropout_key=k_att)
+        else:
+            o_BTNH, a_out = attend(q_BTNH, k_BTNH, v_BTNH)
+            aux.append(a_out)
         out_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, a["c_proj"]["kernel"].astype(dt)) + a["c_proj"]["bias"].astype(dt)
         return dropout(out_BTD, cfg.resid_pdrop, k_res1)
 
@@ -171,7 +181,8 @@ def block(cfg: ModelConfig, p: Params, x_BTD: jax.Array, kind: str, key: jax.Arr
     else:  # GPT-1: normalise after each residual sum
         x_BTD = layer_norm(x_BTD + attn_branch(x_BTD), p["ln_1"], cfg.ln_eps)
         x_BTD = layer_norm(x_BTD + mlp_branch(x_BTD), p["ln_2"], cfg.ln_eps)
-    return constrain(x_BTD, ("batch", "seq", "embed"))
+    x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+    return x_BTD if attend is None else (x_BTD, aux[0])
 
 
 def _remat(fn, policy: str):
@@ -203,26 +214,36 @@ def run_blocks(cfg: ModelConfig, h: Params, x_BTD: jax.Array, keys_L: jax.Array 
     return x_BTD
 
 
+def embed(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+          dropout_key: jax.Array | None = None) -> jax.Array:
+    """Token plus learned position embeddings (positions 0..T-1 unless given), in the compute dtype."""
+    wte_VD, wpe_PD = params["wte"]["embedding"], params["wpe"]["embedding"]
+    pos_D = wpe_PD[: tokens_BT.shape[1]] if positions_BT is None else jnp.take(wpe_PD, positions_BT, axis=0)
+    x_BTD = jnp.take(wte_VD, tokens_BT, axis=0) + pos_D
+    x_BTD = dropout(x_BTD.astype(_dtype(cfg.dtype)), cfg.embd_pdrop, dropout_key)
+    return constrain(x_BTD, ("batch", "seq", "embed"))
+
+
+def unembed(cfg: ModelConfig, params: Params, x_BTD: jax.Array) -> jax.Array:
+    """Final norm and the output layer, tied to the input embedding: float32 logits [B, T, V]."""
+    if cfg.final_norm:
+        x_BTD = layer_norm(x_BTD, params["ln_f"], cfg.ln_eps)
+    wte_VD = params["wte"]["embedding"]
+    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ("batch", "seq", "vocab"))
+
+
 def forward(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
             dropout_key: jax.Array | None = None) -> jax.Array:
     """Logits [B, T, V] in float32 (V padded; see `vocab_mask`). Dropout is on iff a key is given."""
-    dt = _dtype(cfg.dtype)
     T = tokens_BT.shape[1]
     if T > cfg.block_size:
         raise ValueError(f"sequence of {T} tokens exceeds the context of {cfg.block_size}")
     k_emb, k_layers = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     keys_L = None if k_layers is None else jax.random.split(k_layers, cfg.n_layer)
-
-    wte_VD = params["wte"]["embedding"]
-    x_BTD = jnp.take(wte_VD, tokens_BT, axis=0) + params["wpe"]["embedding"][:T]
-    x_BTD = dropout(x_BTD.astype(dt), cfg.embd_pdrop, k_emb)
-    x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+    x_BTD = embed(cfg, params, tokens_BT, dropout_key=k_emb)
     x_BTD = run_blocks(cfg, params["h"], x_BTD, keys_L)
-    if cfg.final_norm:
-        x_BTD = layer_norm(x_BTD, params["ln_f"], cfg.ln_eps)
-    # Output layer tied to the input embedding.
-    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(dt), preferred_element_type=jnp.float32)
-    return constrain(logits_BTV, ("batch", "seq", "vocab"))
+    return unembed(cfg, params, x_BTD)
 
 
 def vocab_mask(cfg: ModelConfig) -> jax.Array:
