@@ -1,9 +1,10 @@
 """Orbax checkpoints: periodic asynchronous saves, keep the last N, restore onto any mesh.
 
 Layout: RUN_DIR/checkpoints/<step>/{params, opt, config}. `params` alone is enough to evaluate, so
-eval.py never reads optimizer state; `config` is the resolved run config as JSON. Orbax writes each save
-into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save cut short by a kill leaves a
-directory we recognise, report and skip in favour of the last complete step.
+eval.py never reads optimizer state (imported weights, written by `save_params`, have none); `config` is
+the resolved run config as JSON. Orbax writes each save into `<step>.orbax-checkpoint-tmp` and renames it
+when complete, so a save cut short by a kill leaves a directory we recognise, report and skip in favour of
+the last complete step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,24 @@ TMP_PATTERN = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used as asked; the message says what to do."""
+
+
+def weights_only_message(run_dir: Path, step: int) -> str:
+    return (f"{run_dir} holds imported weights without optimizer state (checkpoint step {step}), so training cannot "
+            f"resume from it; train into a new run_dir=..., or evaluate it with python eval.py {run_dir}")
+
+
+def weights_only_step(run_dir: str | Path) -> int | None:
+    """The latest complete checkpoint step of `run_dir` if it holds parameters but no optimizer state (what
+    convert.py writes), else None. Reads only the directory listing, so any process may ask."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return None
+    steps = sorted(int(p.name) for p in d.iterdir()
+                   if p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+    if steps and (d / str(steps[-1]) / "params").is_dir() and not (d / str(steps[-1]) / "opt").is_dir():
+        return steps[-1]
+    return None
 
 
 class Checkpoints:
@@ -88,6 +107,15 @@ class Checkpoints:
             config=ocp.args.JsonSave(config))
         return self.mgr.save(step, args=args, force=force)
 
+    def save_params(self, step: int, params: Any, config: dict) -> bool:
+        """Parameters and config without optimizer state (imported weights): enough for eval.py, which restores
+        with params_only=True; resuming training from such a step is refused with a clear message."""
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config))
+        return self.mgr.save(step, args=args, force=True)
+
+    def has_optimizer_state(self, step: int) -> bool:
+        return (self.dir / str(step) / "opt").is_dir()
+
     def config(self, step: int) -> dict:
         return self.mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
@@ -122,6 +150,8 @@ class Checkpoints:
         candidates = [step] if step is not None else steps[::-1]
         for i, s in enumerate(candidates):
             self.check_compatible(s, abstract_state["params"])
+            if not params_only and not self.has_optimizer_state(s):
+                raise CheckpointError(weights_only_message(self.dir.parent, s))
             try:
                 items = {"params": ocp.args.StandardRestore(abstract_state["params"])}
                 if not params_only:

@@ -23,7 +23,7 @@ from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import distributed
 from gptjax import flops as flops_lib
-from gptjax.checkpoint import Checkpoints
+from gptjax.checkpoint import CheckpointError, Checkpoints, weights_only_message, weights_only_step
 from gptjax.config import ConfigError, TrainConfig
 from gptjax.evaluate import heldout
 from gptjax.generate import sample
@@ -86,6 +86,9 @@ def run(cfg: TrainConfig, *, log=print) -> dict:
         log = lambda *a, **k: None  # noqa: E731
     run_dir = Path(cfg.run_dir)
     t_start = time.time()
+    imported = weights_only_step(run_dir)
+    if imported is not None:  # before any data preparation: a converted run has no optimizer state to resume
+        raise CheckpointError(weights_only_message(run_dir, imported))
 
     def prepare() -> Path:
         if main:  # the others wait for its verdict (and must not read config.json while it is rewritten)
