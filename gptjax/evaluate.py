@@ -1,15 +1,20 @@
-"""Held-out loss, perplexity and bits per byte of a token stream."""
+"""Evaluation: held-out loss, perplexity and bits per byte; restoring a run; log-likelihood scoring of
+(context, continuation) pairs for zero- and few-shot tasks (see tasks.py)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from gptjax.distributed import local_rows
+from gptjax.model import forward, vocab_mask
 
 
 def evaluate_windows(eval_fn: Callable, params, batches: Iterable[tuple[np.ndarray, np.ndarray]],
@@ -54,3 +59,140 @@ def heldout(trainer, params, td, *, batch_size: int = 0, max_batches: int = 0) -
     r = evaluate_windows(trainer.eval, params, batches, trainer.eval_batch_sharding, total=total)
     r["bits_per_byte"] = bits_per_byte(r["loss"], td.tokens("val"), td.manifest["bytes"]["val"])
     return r
+
+
+# ----------------------------------------------------------------------------------------------
+# A trained (or imported) run, restored for evaluation
+
+
+@dataclass
+class Run:
+    cfg: Any  # TrainConfig; cfg.model is the ModelConfig
+    mesh: Any
+    trainer: Any
+    params: Any
+    tokenizer: Any  # .encode, .decode, .eot_id, .vocab_size
+    step: int
+    run_dir: Path
+
+
+def load_run(run_dir, step: int | None = None, overrides: Sequence[str] = ()) -> Run:
+    """Restore a run directory's checkpoint (the latest, or `step`) onto the devices here, with its tokenizer.
+
+    The checkpoint's own config is used, rebuilt for this machine's devices; `overrides` (key=value) adjust
+    it, e.g. mesh.tensor=2 or model.attention_impl=reference.
+    """
+    from gptjax import config as config_lib
+    from gptjax import data as data_lib
+    from gptjax.checkpoint import CheckpointError, Checkpoints
+    from gptjax.sharding import make_mesh
+    from gptjax.train_lib import make_trainer
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory; pass a run directory written by train.py "
+                              f"(or by convert.py from-hf)")
+    ckpts = Checkpoints(run_dir, read_only=True)
+    steps = ckpts.all_steps()
+    if not steps:
+        raise CheckpointError(f"{run_dir} holds no complete checkpoint; train first (python train.py run_dir={run_dir})")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {ckpts.dir}; available steps: {steps}")
+    stored = config_lib.from_dict(config_lib.TrainConfig, ckpts.config(step))
+    cfg = config_lib.apply_overrides(stored, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"] + list(overrides))
+    mesh = make_mesh(cfg.mesh)
+    trainer = make_trainer(cfg, mesh)
+    _, state = ckpts.restore(trainer.abstract_state(), step, params_only=True)
+    tok = data_lib.load_tokenizer(run_dir)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise data_lib.DataError(f"the tokenizer in {run_dir} has {tok.vocab_size} tokens but the model only "
+                                 f"{cfg.model.vocab_size}; put the model's own tokenizer files in {run_dir}")
+    return Run(cfg, mesh, trainer, state["params"], tok, step, run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-likelihood scoring of (context, continuation) pairs: the core of zero- and few-shot evaluation
+
+
+class Scorer:
+    """Scores continuations given contexts with one compiled function per (batch, length bucket).
+
+    Sequences are packed into a few fixed shapes (lengths: powers of two up to the context), longest first,
+    so a task compiles a handful of programs whatever its size.
+    """
+
+    def __init__(self, run: Run, *, batch_size: int = 0, progress: bool = True):
+        from gptjax.sharding import use_mesh
+
+        self.run, self.progress = run, progress
+        self.cfg = run.cfg.model
+        self.batch_size = eval_batch_size(run.cfg, run.mesh, batch_size)
+        self.truncated = 0  # pairs whose context was cut from the left to fit the window
+        self.sharding = run.trainer.eval_batch_sharding
+        cfg, mesh, rules = self.cfg, run.mesh, run.cfg.mesh.rules
+
+        def score(params, inputs_BT, targets_BT, mask_BT):
+            with use_mesh(mesh, rules):
+                logits_BTV = forward(cfg, params, inputs_BT) + vocab_mask(cfg)
+            logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+            logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+            greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+            return (logp_BT * mask_BT).sum(-1), jnp.all(greedy_BT | (mask_BT == 0), axis=-1)
+
+        self._score = jax.jit(score)
+
+    def _length_bucket(self, n: int) -> int:
+        T = self.cfg.block_size
+        return min(T, max(16, 1 << (n - 1).bit_length()))
+
+    def loglikelihood(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      desc: str = "scoring") -> list[tuple[float, bool]]:
+        """(context ids, continuation ids) -> (log p(continuation | context) in nats, all tokens greedy).
+
+        A context too long for the window loses its start (counted in `self.truncated`); a continuation
+        longer than the window is an error. The context must hold at least one token (use end-of-text).
+        """
+        T = self.cfg.block_size
+        rows = []
+        for i, (ctx, cont) in enumerate(pairs):
+            ctx, cont = list(ctx), list(cont)
+            if not ctx:
+                raise ValueError(f"request {i} has an empty context; pass [end-of-text] instead")
+            if not cont:
+                raise ValueError(f"request {i} has an empty continuation: nothing to score")
+            if len(cont) > T:
+                raise ValueError(f"request {i}: a continuation of {len(cont)} tokens does not fit the context of {T}")
+            full = (ctx + cont)[-(T + 1):]
+            self.truncated += len(ctx) + len(cont) > T + 1
+            rows.append((full, len(cont), i))
+        rows.sort(key=lambda r: -len(r[0]))  # longest first: equal lengths share a bucket
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        bs = self.batch_size
+        batches = [rows[j:j + bs] for j in range(0, len(rows), bs)]
+        for batch in tqdm(batches, desc=desc, unit="batch", leave=False,
+                          disable=not self.progress or jax.process_index() != 0):
+            L = self._length_bucket(max(len(f) - 1 for f, _, _ in batch))
+            inputs = np.zeros((bs, L), np.int32)
+            targets = np.zeros((bs, L), np.int32)
+            mask = np.zeros((bs, L), np.float32)
+            for r, (full, n_cont, _) in enumerate(batch):
+                n = len(full) - 1
+                inputs[r, :n], targets[r, :n] = full[:-1], full[1:]
+                mask[r, n - n_cont:n] = 1.0
+            put = lambda a: jax.device_put(a, self.sharding)  # noqa: E731
+            logp, greedy = self._score(self.run.params, put(inputs), put(targets), put(mask))
+            logp, greedy = np.asarray(logp), np.asarray(greedy)
+            for r, (_, _, i) in enumerate(batch):
+                out[i] = (float(logp[r]), bool(greedy[r]))
+        return out
+
+    def rolling_loglikelihood(self, ids: Sequence[int], desc: str = "scoring") -> float:
+        """Total log-likelihood of a token sequence, the first token conditioned on end-of-text, in disjoint
+        windows of the context length (each window's first prediction sees only the token before it)."""
+        ids, T = list(ids), self.cfg.block_size
+        if not ids:
+            return 0.0
+        seq = [self.run.tokenizer.eot_id] + ids
+        pairs = [(seq[j - 1:j], seq[j:j + T]) for j in range(1, len(seq), T)]
+        return sum(lp for lp, _ in self.loglikelihood(pairs, desc=desc))
