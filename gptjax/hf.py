@@ -343,20 +343,26 @@ def _prepare_target(path: Path, force: bool, ours: tuple[str, ...], what: str, s
 
 def _tokenizer_source(src: Path, explicit: bool):
     """(files to copy, tokenizer or None) from directory `src`."""
-    from gptjax.data import load_tokenizer
+    from gptjax.data import EOT, load_tokenizer
 
     if not src.is_dir():
         raise ConversionError(f"--tokenizer {src} is not a directory")
     files = [src / n for n in HF_TOKENIZER_FILES if (src / n).is_file()] + sorted(src.glob("*.tiktoken"))
     if not any(f.name in ("tokenizer.json", "vocab.json") or f.suffix == ".tiktoken" for f in files):
-        if explicit:
+        if (src / "tokenizer.model").is_file():  # gptjax's own SentencePiece model, from a to-hf export
+            files = [src / "tokenizer.model"]
+        elif explicit:
             raise ConversionError(f"--tokenizer {src} holds no tokenizer.json, vocab.json + merges.txt or .tiktoken file")
-        return [], None
+        else:
+            return [], None
     staged = Path(tempfile.mkdtemp(prefix="gptjax-tok-"))
     try:  # load from a copy of exactly the files we will copy, so the run directory gets a working set
         for f in files:
             shutil.copyfile(f, staged / f.name)
         tok = load_tokenizer(staged)
+        if files[0].name == "tokenizer.model" and tok.sp.id_to_piece(tok.eot_id) != EOT:
+            raise ConversionError(f"{src / 'tokenizer.model'} is not a gptjax tokenizer (it has no {EOT} piece); "
+                                  f"pass --tokenizer DIR with GPT-2's tokenizer.json or vocab.json + merges.txt")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return files, tok
