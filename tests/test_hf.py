@@ -242,8 +242,7 @@ def test_converted_run_evaluates_with_eval_py_and_exports_back(hf_dir, tok_dir, 
     assert res["sample"] == "def " + tok.decode(gen)
 
     # back to Hugging Face: the tokenizer travels, end-of-text becomes bos/eos, weights are the original ones
-    r = run_script("convert.py", "to-hf", run, out)
-    assert r.returncode == 0, r.stderr
+    hf.convert_to_hf(run, out, log=lambda _: None)
     assert (out / "tokenizer.json").read_bytes() == (tok_dir / "json" / "tokenizer.json").read_bytes()
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.eot_id
     jax.tree.map(np.testing.assert_array_equal, load_file(str(out / "model.safetensors")),
