@@ -98,6 +98,12 @@ class GptjaxLM(_LM):
     def tokenizer_name(self) -> str:
         return f"gptjax:{Path(self.run.run_dir).resolve()}"
 
+    def get_model_info(self) -> dict:
+        """Merged into the "config" of lm-eval's results."""
+        m = self.run.cfg.model
+        return {"model_run_dir": str(self.run.run_dir), "model_step": self.run.step, "model_preset": m.name,
+                "model_context": m.block_size, "model_dtype": m.dtype}
+
     def tok_encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text))
 
@@ -167,7 +173,7 @@ class GptjaxLM(_LM):
     # -- generation -------------------------------------------------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from gptjax.generate import generate
+        from gptjax.generate import cut_at_stop, generate
 
         groups: dict[str, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
@@ -176,8 +182,14 @@ class GptjaxLM(_LM):
         for idx in groups.values():
             opts = self._gen_options(requests[idx[0]].args[1])
             n_new = opts.pop("max_gen_toks")
-            keep = self.max_length - n_new  # prompt tokens that leave room for the new ones
-            prompts = [(self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-keep:] for i in idx]
+            # Like lm-eval's HF model, keep the prompt's last tokens that leave room for the new ones; but at
+            # least half a context, as generate() slides past the context where HF would refuse.
+            keep = max(self.max_length - n_new, self.max_length // 2)
+            prompts = [self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idx]
+            if any(len(p) > keep for p in prompts):
+                self._warn_once(f"prompts longer than {keep} tokens (the context of {self.max_length} less "
+                                f"max_gen_toks={n_new}) lose their oldest tokens")
+            prompts = [p[-keep:] for p in prompts]
             # longest first, so each batch pads to similar lengths
             order = sorted(range(len(idx)), key=lambda j: -len(prompts[j]))
             new = generate(self.run.cfg.model, self.run.params, [prompts[j] for j in order], n_new,
@@ -200,10 +212,6 @@ class GptjaxLM(_LM):
         n_new = next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if kwargs.get(k)),
                      self.max_gen_toks)
         n_new = int(n_new)
-        if n_new >= self.max_length:
-            self._warn_once(f"max_gen_toks={n_new} does not fit the model's context of {self.max_length} tokens; "
-                            f"generating at most {self.max_length - 1}")
-            n_new = self.max_length - 1
         do_sample = kwargs.get("do_sample")
         temperature = float(kwargs.get("temperature", 1.0 if do_sample else 0.0) or 0.0)
         if do_sample is False:
@@ -224,14 +232,6 @@ if _register_model is not None:
     import lm_eval.models  # noqa: F401
 
     _register_model("gptjax")(GptjaxLM)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The text before the first occurrence of any stop string (what lm-eval's models return)."""
-    for s in stop:
-        if s:
-            text = text.split(s, 1)[0]
-    return text
 
 
 def _batch_size(value) -> int:
@@ -284,6 +284,9 @@ def main(argv=None) -> int:
         return 0
     from lm_eval.utils import handle_non_serializable, make_table
 
+    c = results["config"]
+    print(f"gptjax ({args.run} @ step {c['model_step']}), limit: {args.limit}, num_fewshot: {args.num_fewshot}, "
+          f"batch_size: {args.batch_size or 'training micro-batch'}")
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))

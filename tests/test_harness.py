@@ -38,10 +38,13 @@ CONTEXTS = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_overrides, prepared):
+    """A tiny model trained for 4 steps (in this process, on the 8 simulated devices)."""
+    from gptjax import config, trainer
+
     d = tmp_path_factory.mktemp("harness") / "run"
-    proc = run_script("train.py", "--config", "tiny", *tiny_overrides, f"run_dir={d}", "steps=4",
-                      "checkpoint.every=4", "eval_batches=1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    cfg = config.resolve("tiny", tiny_overrides + [f"run_dir={d}", "steps=4", "checkpoint.every=4",
+                                                   "eval_batches=1"])
+    trainer.run(cfg, log=lambda *_, **__: None)
     return d
 
 
@@ -96,7 +99,7 @@ class Reference:
         return new
 
     def generate_until(self, context: str, until: list[str], n: int) -> str:
-        prompt = (self.encode(context) or [self.eot])[-(self.T - n):]
+        prompt = (self.encode(context) or [self.eot])[-max(self.T - n, self.T // 2):]
         text = self.decode(self.greedy(prompt, n))
         for s in until:
             text = text.split(s)[0]
@@ -156,7 +159,6 @@ def test_loglikelihood_rolling_is_the_sum_over_tokens(lm, ref):
     ids = ref.encode(long)
     assert len(ids) > 3 * ref.T
     np.testing.assert_allclose(got[1], _rolling_by_hand(ref, ids), rtol=1e-5)
-    np.testing.assert_allclose(got[1], lm.scorer.rolling_loglikelihood(ids), rtol=1e-5)
     assert got[2] == 0.0
 
 
@@ -288,17 +290,19 @@ def test_create_from_arg_string(run_dir):
     assert get_model("dummy").__name__ == "DummyLM"  # lm-eval's own models still resolve
 
 
-def test_command_line(run_dir, task_dir, tmp_path):
+def test_command_line(run_dir, task_dir, tmp_path, capsys):
     out = tmp_path / "results.json"
-    proc = run_script("-m", "gptjax.harness", "--run", run_dir, "--tasks", "gptjax_mc", "--include-path",
-                      task_dir, "--only-include-path", "--batch-size", "4", "--output", out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "gptjax_mc" in proc.stdout and "acc_norm" in proc.stdout  # lm-eval's table
+    assert harness.main(["--run", str(run_dir), "--tasks", "gptjax_mc", "--include-path", str(task_dir),
+                         "--only-include-path", "--batch-size", "4", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"gptjax ({run_dir} @ step 4)" in printed
+    assert "|gptjax_mc|" in printed.replace(" ", "") and "acc_norm" in printed  # lm-eval's table
     res = json.loads(out.read_text())
     assert 0 <= res["results"]["gptjax_mc"]["acc,none"] <= 1
-    assert res["config"]["model_args"]["step"] == 4
+    assert res["config"]["model_args"] == {"run_dir": str(run_dir), "step": 4}
 
+    # as a module, mistakes are one line and exit code 2
     proc = run_script("-m", "gptjax.harness", "--run", run_dir, "--tasks", "no_such_task", "--include-path",
                       task_dir, "--only-include-path")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: unknown task(s) no_such_task" in proc.stderr
