@@ -1,9 +1,14 @@
-"""Evaluate a trained run: held-out loss, perplexity, bits per byte; any text file; a sample.
+"""Evaluate a trained or imported run: held-out loss, perplexity, bits per byte; zero- and few-shot tasks;
+any text file; samples.
 
-  python eval.py runs/tiny                         # latest checkpoint, the run's held-out split
-  python eval.py runs/tiny --step 200 --json out.json
-  python eval.py runs/tiny --text some_file.py
-  python eval.py runs/tiny --prompt "def main(" --temperature 0.8 --top-k 40 --max-tokens 200
+  python eval.py runs/tiny                                     # latest checkpoint, the run's held-out split
+  python eval.py runs/tiny --tasks code-nextline,code-cloze --shots 0,1,5 --json scores.json
+  python eval.py runs/tiny --tasks hellaswag:hellaswag_val.jsonl --limit 500 --skip-heldout
+  python eval.py runs/tiny --step 200 --text some_file.py
+  python eval.py runs/tiny --prompt "def main(" --prompt "import " --temperature 0.8 --top-p 0.95 --stop "\\n\\n"
+
+Tasks: code-nextline and code-cloze are built in (generated from the built-in corpus's held-out split);
+a JSONL file in one of the documented formats, FORMAT:FILE, or a task spec .json (docs/evaluation.md).
 
 The checkpoint is restored onto whatever devices exist (the mesh is rebuilt here; override with
 mesh.data=... mesh.tensor=...).
@@ -14,21 +19,46 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
+import time
 from pathlib import Path
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=200, help="new tokens per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set with this mass (1: off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop a sample at this text (repeatable; backslash escapes such as \\n are understood)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t and \\\\ as typed on a command line; everything else (any Unicode) as it is."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def stop_strings(args) -> list[str]:
+    return [unescape(s) for s in args.stop]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run directory written by train.py")
+    p.add_argument("run_dir", help="a run directory written by train.py (or convert.py from-hf)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--text", default=None, help="evaluate this text file instead of the held-out split")
-    p.add_argument("--prompt", default=None, help="print a sample continuing this prompt")
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-heldout", action="store_true", help="do not evaluate the held-out split")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks: built-ins (code-nextline, code-cloze), "
+                                                 "JSONL files, FORMAT:FILE or task spec .json files")
+    p.add_argument("--shots", default="0", help="comma-separated numbers of solved examples before each item")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N items of each task")
+    p.add_argument("--num-items", type=int, default=500, help="items generated for each built-in task")
+    p.add_argument("--prompt", action="append", default=None, help="print a sample continuing this prompt "
+                                                                   "(repeatable: prompts are sampled as one batch)")
+    add_sampling_flags(p)
     p.add_argument("--batch-size", type=int, default=0, help="evaluation batch (default: the training micro-batch)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. mesh.tensor=2")
     args = p.parse_args(argv)
@@ -36,10 +66,19 @@ def main(argv=None) -> int:
     from gptjax import config as config_lib
     from gptjax.checkpoint import CheckpointError
     from gptjax.data import DataError
+    from gptjax.tasks import TaskError
 
     try:
-        results = evaluate(args)
-    except (config_lib.ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        shots = [int(s) for s in args.shots.split(",") if s.strip()]
+        if not shots or min(shots) < 0:
+            raise ValueError
+    except ValueError:
+        print(f"error: --shots takes comma-separated whole numbers >= 0, e.g. 0,1,5 (got {args.shots!r})",
+              file=sys.stderr)
+        return 2
+    try:
+        results = evaluate(args, shots)
+    except (config_lib.ConfigError, DataError, CheckpointError, TaskError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -48,70 +87,86 @@ def main(argv=None) -> int:
     return 0
 
 
-def evaluate(args) -> dict:
+def heldout_text(cfg) -> bytes:
+    """The held-out documents of the run's corpus, joined as data.prepare joins them (its val.txt)."""
+    from gptjax import data as data_lib
+
+    docs = [t for _, t in data_lib.iter_documents(cfg.data) if data_lib.is_validation(t, cfg.data.val_fraction)]
+    return "\n".join(docs).encode("utf-8")
+
+
+def evaluate(args, shots: list[int]) -> dict:
     import numpy as np
 
-    from gptjax import config as config_lib
     from gptjax import data as data_lib
-    from gptjax.checkpoint import CheckpointError, Checkpoints
-    from gptjax.evaluate import bits_per_byte, eval_batch_size, evaluate_windows, heldout
-    from gptjax.generate import sample
-    from gptjax.sharding import make_mesh
-    from gptjax.train_lib import make_trainer
+    from gptjax import tasks as tasks_lib
+    from gptjax.evaluate import Scorer, bits_per_byte, eval_batch_size, evaluate_windows, heldout, load_run
+    from gptjax.generate import generate
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is not a directory; pass a run directory written by train.py")
-    ckpts = Checkpoints(run_dir, read_only=True)
-    steps = ckpts.all_steps()
-    if not steps:
-        raise CheckpointError(f"{run_dir} holds no complete checkpoint; train first (python train.py run_dir={run_dir})")
-    step = args.step if args.step is not None else steps[-1]
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {ckpts.dir}; available steps: {steps}")
+    run = load_run(args.run_dir, args.step, args.overrides)
+    cfg, tok, step = run.cfg, run.tokenizer, run.step
+    results: dict = {"run_dir": str(run.run_dir), "step": step, "model": cfg.model.name}
 
-    # The checkpoint's own config, rebuilt for the devices here.
-    stored = config_lib.from_dict(config_lib.TrainConfig, ckpts.config(step))
-    cfg = config_lib.apply_overrides(stored, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"] + list(args.overrides))
-    mesh = make_mesh(cfg.mesh)
-    trainer = make_trainer(cfg, mesh)
-    _, state = ckpts.restore(trainer.abstract_state(), step, params_only=True)
-    params = state["params"]
-    tok = data_lib.Tokenizer(run_dir / "tokenizer.model")
-    bs = eval_batch_size(cfg, mesh, args.batch_size)
-    T = cfg.model.block_size
-    results: dict = {"run_dir": str(run_dir), "step": step, "model": cfg.model.name}
-
-    if args.text:
-        raw = Path(args.text).read_bytes()
+    def eval_text(raw: bytes, name: str) -> dict:
         ids = tok.encode(raw.decode("utf-8", errors="replace"))
         if len(ids) < 2:
-            raise data_lib.DataError(f"{args.text} is too short to evaluate (fewer than two tokens)")
-        batches = data_lib.windows([np.asarray(ids)], T, bs)
-        r = evaluate_windows(trainer.eval, params, batches, trainer.eval_batch_sharding,
-                             total=math.ceil(len(ids) / T / bs))
+            raise data_lib.DataError(f"{name} is too short to evaluate (fewer than two tokens)")
+        bs, T = eval_batch_size(cfg, run.mesh, args.batch_size), cfg.model.block_size
+        r = evaluate_windows(run.trainer.eval, run.params, data_lib.windows([np.asarray(ids)], T, bs),
+                             run.trainer.eval_batch_sharding, total=math.ceil(len(ids) / T / bs))
         r["bits_per_byte"] = bits_per_byte(r["loss"], len(ids), len(raw))
         r["gzip_bits_per_byte"] = data_lib.gzip_bits_per_byte(raw)
-        results.update(split=f"text:{args.text}", **r)
-    else:
-        data_json = run_dir / "data.json"
-        data_dir = Path(json.loads(data_json.read_text())["data_dir"]) if data_json.exists() else None
-        if data_dir is None or not (data_dir / "manifest.json").exists():
-            data_dir = data_lib.prepare(cfg.data, cfg.model.vocab_size)
-        td = data_lib.TokenData(data_dir)
-        r = heldout(trainer, params, td, batch_size=args.batch_size)
-        r["gzip_bits_per_byte"] = data_lib.gzip_bits_per_byte((data_dir / "val.txt").read_bytes())
-        results.update(split="val", **r)
+        return r
 
-    print(f"{results['split']} @ step {step}: loss {results['loss']:.4f} nats/token, perplexity "
-          f"{results['perplexity']:.2f}, {results['bits_per_byte']:.4f} bits/byte "
-          f"(gzip -9: {results['gzip_bits_per_byte']:.4f}) over {results['tokens']:,} tokens")
+    if args.text or not args.skip_heldout:
+        if args.text:
+            results.update(split=f"text:{args.text}", **eval_text(Path(args.text).read_bytes(), args.text))
+        else:
+            if (run.run_dir / "tokenizer.model").exists():  # a train.py run: its token cache
+                data_json = run.run_dir / "data.json"
+                data_dir = Path(json.loads(data_json.read_text())["data_dir"]) if data_json.exists() else None
+                if data_dir is None or not (data_dir / "manifest.json").exists():
+                    data_dir = data_lib.prepare(cfg.data, cfg.model.vocab_size)
+                r = heldout(run.trainer, run.params, data_lib.TokenData(data_dir), batch_size=args.batch_size)
+                r["gzip_bits_per_byte"] = data_lib.gzip_bits_per_byte((data_dir / "val.txt").read_bytes())
+            else:  # an imported model with its own tokenizer: the same held-out text in its tokens
+                r = eval_text(heldout_text(cfg), "the held-out split")
+            results.update(split="val", **r)
+        print(f"{results['split']} @ step {step}: loss {results['loss']:.4f} nats/token, perplexity "
+              f"{results['perplexity']:.2f}, {results['bits_per_byte']:.4f} bits/byte "
+              f"(gzip -9: {results['gzip_bits_per_byte']:.4f}) over {results['tokens']:,} tokens")
 
-    if args.prompt is not None:
-        new = sample(cfg.model, params, tok.encode(args.prompt), args.max_tokens, temperature=args.temperature,
-                     top_k=args.top_k, seed=args.seed, stop_id=tok.eot_id)
-        results["sample"] = args.prompt + tok.decode(new)
-        print("-" * 60 + "\n" + results["sample"] + "\n" + "-" * 60)
+    if args.tasks:
+        scorer = Scorer(run, batch_size=args.batch_size)
+        scores: dict = {}
+        for spec in [s.strip() for s in args.tasks.split(",") if s.strip()]:
+            task = tasks_lib.resolve(spec, cfg.data, n=args.num_items, seed=0)
+            scores[task.name] = {}
+            for k in ([0] if task.kind == "perplexity" else shots):
+                t0 = time.time()
+                m = tasks_lib.evaluate(task, scorer, tok, shots=k, limit=args.limit)
+                m["seconds"] = round(time.time() - t0, 2)
+                scores[task.name][k] = m
+                if m.get("truncated"):
+                    print(f"warning: {task.name} {k}-shot: {m['truncated']} of the scored sequences were longer "
+                          f"than the {cfg.model.block_size}-token context and lost their beginning", file=sys.stderr)
+        results["tasks"] = scores
+        print(tasks_lib.table(scores))
+
+    if args.prompt:
+        prompts = [unescape(p) for p in args.prompt]
+        t0 = time.time()
+        new = generate(cfg.model, run.params, [tok.encode(p) or [tok.eot_id] for p in prompts], args.max_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       eot_id=tok.eot_id, stop=stop_strings(args), decode=tok.decode,
+                       batch_size=min(len(prompts), 8))
+        from gptjax.generate import cut_at_stop
+
+        results["samples"] = [p + cut_at_stop(tok.decode(n), stop_strings(args)) for p, n in zip(prompts, new)]
+        for s in results["samples"]:
+            print("-" * 60 + "\n" + s)
+        print("-" * 60 + f"\n{sum(map(len, new))} tokens in {time.time() - t0:.1f}s (compile included)")
+        results["sample"] = results["samples"][0]
     return results
 
 

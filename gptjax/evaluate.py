@@ -150,8 +150,9 @@ class Scorer:
                       desc: str = "scoring") -> list[tuple[float, bool]]:
         """(context ids, continuation ids) -> (log p(continuation | context) in nats, all tokens greedy).
 
-        A context too long for the window loses its start (counted in `self.truncated`); a continuation
-        longer than the window is an error. The context must hold at least one token (use end-of-text).
+        A context too long for the window loses its start (counted in `self.truncated`); so does a
+        continuation longer than the window, of which only the last block_size tokens are scored. The context
+        must hold at least one token (use end-of-text).
         """
         T = self.cfg.block_size
         rows = []
@@ -161,11 +162,9 @@ class Scorer:
                 raise ValueError(f"request {i} has an empty context; pass [end-of-text] instead")
             if not cont:
                 raise ValueError(f"request {i} has an empty continuation: nothing to score")
-            if len(cont) > T:
-                raise ValueError(f"request {i}: a continuation of {len(cont)} tokens does not fit the context of {T}")
             full = (ctx + cont)[-(T + 1):]
             self.truncated += len(ctx) + len(cont) > T + 1
-            rows.append((full, len(cont), i))
+            rows.append((full, min(len(cont), T), i))
         rows.sort(key=lambda r: -len(r[0]))  # longest first: equal lengths share a bucket
         out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         bs = self.batch_size

@@ -136,3 +136,37 @@ def test_train_errors_are_one_line(run, tiny_overrides):
     assert "different model" in line and "model.d_model: 64 -> 32" in line
     assert (run_dir / "metrics.jsonl").read_bytes() == before
     assert finished_steps(run_dir) == [3, 6]
+
+
+def test_eval_scores_tasks_zero_and_few_shot_and_samples_with_the_cache(run, tmp_path):
+    run_dir, _ = run
+    mc = tmp_path / "mine.jsonl"
+    mc.write_text("".join(json.dumps({"context": f"x{i} =", "choices": [" 1", " 2", " 3"], "gold": i % 3}) + "\n"
+                          for i in range(6)))
+    out = tmp_path / "tasks.json"
+    proc = run_script("eval.py", run_dir, "--skip-heldout", "--tasks", f"code-nextline,code-cloze,{mc}",
+                      "--shots", "0,2", "--limit", "12", "--num-items", "30", "--json", out,
+                      "--prompt", "def ", "--prompt", "import", "--max-tokens", "12", "--stop", "\\n\\n",
+                      "--temperature", "0.9", "--top-p", "0.9", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    res = json.loads(out.read_text())
+    assert "loss" not in res  # --skip-heldout
+    scores = res["tasks"]
+    assert set(scores) == {"code-nextline", "code-cloze", "mine"}
+    for name, by_shots in scores.items():
+        assert set(by_shots) == {"0", "2"}
+        for m in by_shots.values():
+            assert m["n"] == (6 if name == "mine" else 12) and 0 <= m["acc"] <= 1
+    assert scores["code-nextline"]["0"]["chance"] == 0.25 and 0 <= scores["code-nextline"]["2"]["acc_norm"] <= 1
+    assert scores["code-cloze"]["0"]["ppl"] > 1
+    # the table on stdout, and two samples, each its prompt plus at most one stop-free continuation
+    assert "code-nextline  0" in proc.stdout and "acc_norm" in proc.stdout
+    assert [s[:4] for s in res["samples"]] == ["def ", "impo"]
+    assert all("\n\n" not in s for s in res["samples"])
+
+    proc = run_script("eval.py", run_dir, "--skip-heldout", "--tasks", "code-nextlin")
+    assert proc.returncode == 2
+    (line,) = error_lines(proc)
+    assert "not a built-in" in line and "code-nextline" in line
+    proc = run_script("eval.py", run_dir, "--skip-heldout", "--tasks", "code-cloze", "--shots", "1,x")
+    assert proc.returncode == 2 and "--shots takes" in error_lines(proc)[0]
