@@ -391,7 +391,7 @@ def convert_from_hf(hf_dir: str | Path, run_dir: str | Path, *, tokenizer_dir: s
     train_cfg = config_lib.validate(train_cfg)
     cfg_dict = config_lib.to_dict(train_cfg)
     ckpts = Checkpoints(run_dir, async_save=False, log=log)
-    ckpts.save_params(0, jax.device_put(params), cfg_dict)
+    ckpts.save_params(0, params, cfg_dict)  # numpy arrays: Orbax restores them onto any mesh
     ckpts.close()
     config_lib.save_json(train_cfg, run_dir / "config.json")
     for f in files:
