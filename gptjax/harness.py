@@ -280,6 +280,11 @@ def main(argv=None) -> int:
     except (HarnessError, config_lib.ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:  # what `datasets` raises for a Hub dataset it cannot reach
+        print(f"error: {e}. lm-eval fetches task data from the Hugging Face Hub and caches it: run once with "
+              f"a network connection, or point the task at a local copy (docs/harness.md, 'Offline')",
+              file=sys.stderr)
+        return 2
     if results is None:  # lm-eval answers None on ranks other than 0
         return 0
     from lm_eval.utils import handle_non_serializable, make_table

@@ -36,6 +36,19 @@ CONTEXTS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """The environment above is read when `datasets` is imported; it may have been imported already."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_overrides, prepared):
     """A tiny model trained for 4 steps (in this process, on the 8 simulated devices)."""
@@ -227,6 +240,10 @@ def task_dir(tmp_path_factory, ref):
     # the first answer is the model's own greedy completion, the second is not: exact_match is 1/2
     prompts = ["def main(", "import "]
     answers = [ref.generate_until(prompts[0], ["\n"], 6), "no such answer"]
+    # a task whose data lives on the Hub: offline, it must fail with one line naming the fix
+    (d / "gptjax_hub.yaml").write_text("task: gptjax_hub\ndataset_path: gptjax-tests/no-such-dataset\n"
+                                       "test_split: test\noutput_type: loglikelihood\ndoc_to_text: \"{{a}}\"\n"
+                                       "doc_to_target: \"{{b}}\"\n")
     write("gptjax_gen", [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)],
           "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{answer}}\"\n"
           "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
@@ -300,6 +317,12 @@ def test_command_line(run_dir, task_dir, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert 0 <= res["results"]["gptjax_mc"]["acc,none"] <= 1
     assert res["config"]["model_args"] == {"run_dir": str(run_dir), "step": 4}
+
+    # data that would have to come from the Hub: one line that says how to run offline
+    assert harness.main(["--run", str(run_dir), "--tasks", "gptjax_hub", "--include-path", str(task_dir),
+                         "--only-include-path"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "gptjax-tests/no-such-dataset" in line and "docs/harness.md" in line
 
     # as a module, mistakes are one line and exit code 2
     proc = run_script("-m", "gptjax.harness", "--run", run_dir, "--tasks", "no_such_task", "--include-path",
