@@ -19,32 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
 
-def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=200, help="new tokens per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set with this mass (1: off)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop a sample at this text (repeatable; backslash escapes such as \\n are understood)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def unescape(text: str) -> str:
-    """\\n, \\t and \\\\ as typed on a command line; everything else (any Unicode) as it is."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
-
-
-def stop_strings(args) -> list[str]:
-    return [unescape(s) for s in args.stop]
-
-
 def main(argv=None) -> int:
+    from gptjax.generate import add_sampling_flags
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run directory written by train.py (or convert.py from-hf)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -95,13 +77,31 @@ def heldout_text(cfg) -> bytes:
     return "\n".join(docs).encode("utf-8")
 
 
+def token_cache(run) -> Path | None:
+    """The run's prepared token cache, if its tokens are the run's own (same tokenizer file), else None."""
+    import hashlib
+
+    from gptjax import data as data_lib
+
+    own = run.run_dir / "tokenizer.model"
+    if not own.exists():
+        return None
+    data_json = run.run_dir / "data.json"
+    data_dir = Path(json.loads(data_json.read_text())["data_dir"]) if data_json.exists() else None
+    if data_dir is None or not (data_dir / "manifest.json").exists():
+        data_dir = data_lib.prepare(run.cfg.data, run.cfg.model.vocab_size)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    same = manifest["tokenizer"]["sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
+    return data_dir if same else None
+
+
 def evaluate(args, shots: list[int]) -> dict:
     import numpy as np
 
     from gptjax import data as data_lib
     from gptjax import tasks as tasks_lib
     from gptjax.evaluate import Scorer, bits_per_byte, eval_batch_size, evaluate_windows, heldout, load_run
-    from gptjax.generate import generate
+    from gptjax.generate import cut_at_stop, generate, unescape
 
     run = load_run(args.run_dir, args.step, args.overrides)
     cfg, tok, step = run.cfg, run.tokenizer, run.step
@@ -122,11 +122,8 @@ def evaluate(args, shots: list[int]) -> dict:
         if args.text:
             results.update(split=f"text:{args.text}", **eval_text(Path(args.text).read_bytes(), args.text))
         else:
-            if (run.run_dir / "tokenizer.model").exists():  # a train.py run: its token cache
-                data_json = run.run_dir / "data.json"
-                data_dir = Path(json.loads(data_json.read_text())["data_dir"]) if data_json.exists() else None
-                if data_dir is None or not (data_dir / "manifest.json").exists():
-                    data_dir = data_lib.prepare(cfg.data, cfg.model.vocab_size)
+            data_dir = token_cache(run)
+            if data_dir is not None:  # a train.py run: its own token cache
                 r = heldout(run.trainer, run.params, data_lib.TokenData(data_dir), batch_size=args.batch_size)
                 r["gzip_bits_per_byte"] = data_lib.gzip_bits_per_byte((data_dir / "val.txt").read_bytes())
             else:  # an imported model with its own tokenizer: the same held-out text in its tokens
@@ -155,14 +152,13 @@ def evaluate(args, shots: list[int]) -> dict:
 
     if args.prompt:
         prompts = [unescape(p) for p in args.prompt]
+        stop = [unescape(s) for s in args.stop]
         t0 = time.time()
         new = generate(cfg.model, run.params, [tok.encode(p) or [tok.eot_id] for p in prompts], args.max_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       eot_id=tok.eot_id, stop=stop_strings(args), decode=tok.decode,
+                       eot_id=tok.eot_id, stop=stop, decode=tok.decode,
                        batch_size=min(len(prompts), 8))
-        from gptjax.generate import cut_at_stop
-
-        results["samples"] = [p + cut_at_stop(tok.decode(n), stop_strings(args)) for p, n in zip(prompts, new)]
+        results["samples"] = [p + cut_at_stop(tok.decode(n), stop) for p, n in zip(prompts, new)]
         for s in results["samples"]:
             print("-" * 60 + "\n" + s)
         print("-" * 60 + f"\n{sum(map(len, new))} tokens in {time.time() - t0:.1f}s (compile included)")

@@ -22,7 +22,9 @@ every token, is the oracle the tests compare against and the baseline in bench/g
 
 from __future__ import annotations
 
+import argparse
 import functools
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -339,3 +341,19 @@ def sample(cfg: ModelConfig, params: Params, prompt_ids: list[int], max_new_toke
     prompt = list(prompt_ids) or ([stop_id] if stop_id is not None else [0])
     return generate(cfg, params, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, eot_id=stop_id, batch_size=1)[0]
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling options of eval.py and sample.py."""
+    p.add_argument("--max-tokens", type=int, default=200, help="new tokens per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set with this mass (1: off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample at this text (repeatable; \\n and \\t are understood)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t and \\\\ as typed on a command line; everything else (any Unicode) as it is."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)

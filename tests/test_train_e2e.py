@@ -170,3 +170,24 @@ def test_eval_scores_tasks_zero_and_few_shot_and_samples_with_the_cache(run, tmp
     assert "not a built-in" in line and "code-nextline" in line
     proc = run_script("eval.py", run_dir, "--skip-heldout", "--tasks", "code-cloze", "--shots", "1,x")
     assert proc.returncode == 2 and "--shots takes" in error_lines(proc)[0]
+
+
+def test_sample_command_cache_and_no_cache_agree(run, tmp_path):
+    run_dir, _ = run
+    outs = []
+    for extra in ([], ["--no-cache"]):
+        out = tmp_path / f"s{len(extra)}.json"
+        proc = run_script("sample.py", run_dir, "--prompt", "def ", "--prompt", "import", "--num-samples", "2",
+                          "--temperature", "0", "--max-tokens", "10", "--json", out, *extra)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        outs.append(json.loads(out.read_text()))
+        assert "tokens/s" in proc.stdout
+    cached, full = outs
+    assert cached["samples"] == full["samples"] and len(cached["samples"]) == 4
+    assert cached["samples"][0] == cached["samples"][1] and cached["samples"][0].startswith("def ")
+    # seeded sampling: the same seed twice gives the same samples
+    a, b = (run_script("sample.py", run_dir, "--prompt", "x", "--num-samples", "3", "--seed", "5", "--max-tokens", "8")
+            for _ in range(2))
+    assert a.returncode == 0 and a.stdout.split("tokens in")[0] == b.stdout.split("tokens in")[0]
+    proc = run_script("sample.py", run_dir, "--num-samples", "0")
+    assert proc.returncode == 2 and error_lines(proc)
