@@ -173,12 +173,16 @@ class GptjaxLM(_LM):
     # -- generation -------------------------------------------------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from tqdm.auto import tqdm
+
         from gptjax.generate import cut_at_stop, generate
 
         groups: dict[str, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
             groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
         out: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", unit="request", leave=False,
+                   disable=disable_tqdm or not self.progress)
         for idx in groups.values():
             opts = self._gen_options(requests[idx[0]].args[1])
             n_new = opts.pop("max_gen_toks")
@@ -192,11 +196,16 @@ class GptjaxLM(_LM):
             prompts = [p[-keep:] for p in prompts]
             # longest first, so each batch pads to similar lengths
             order = sorted(range(len(idx)), key=lambda j: -len(prompts[j]))
-            new = generate(self.run.cfg.model, self.run.params, [prompts[j] for j in order], n_new,
-                           eot_id=self.eot_token_id, decode=self.tok_decode, seed=self.seed,
-                           batch_size=self.batch_size or 8, **opts)
-            for j, ids in zip(order, new):
-                out[idx[j]] = cut_at_stop(self.tok_decode(ids), opts["stop"])
+            bs = self.scorer.batch_size
+            for b0 in range(0, len(order), bs):
+                rows = order[b0:b0 + bs]
+                new = generate(self.run.cfg.model, self.run.params, [prompts[j] for j in rows], n_new,
+                               eot_id=self.eot_token_id, decode=self.tok_decode, seed=self.seed + b0,
+                               batch_size=bs, **opts)
+                for j, ids in zip(rows, new):
+                    out[idx[j]] = cut_at_stop(self.tok_decode(ids), opts["stop"])
+                bar.update(len(rows))
+        bar.close()
         for req, text in zip(requests, out):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return out
