@@ -148,12 +148,6 @@ def compile_step(cfg: TrainConfig, devices: list | None = None, *, topology: str
     return report
 
 
-def _flops(compiled, n_devices: int) -> float | None:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # per device
-    return float(cost["flops"]) * n_devices if cost and cost.get("flops") else None
-
-
 def describe(r: dict) -> str:
     """The report as a few lines for a person."""
     where = r["topology"] or f"{r['devices']} x {r['device_kind'] or r['platform']}"

@@ -177,3 +177,21 @@ class Checkpoints:
 
     def close(self) -> None:
         self.mgr.close()
+
+
+def open_step(run_dir: str | Path, step: int | None = None, *, log: Callable[[str], None] = print
+              ) -> tuple[Checkpoints, int, dict]:
+    """A run directory's checkpoints for reading, the step to read (`step`, or the latest complete one) and
+    the config stored with it; one clear error when the directory, its checkpoints or the step are missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory; pass a run directory written by train.py "
+                              f"(or by convert.py from-hf)")
+    ckpts = Checkpoints(run_dir, read_only=True, log=log)
+    steps = ckpts.all_steps()
+    if not steps:
+        raise CheckpointError(f"{run_dir} holds no complete checkpoint; train first (python train.py run_dir={run_dir})")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {ckpts.dir}; available steps: {steps}")
+    return ckpts, step, ckpts.config(step)

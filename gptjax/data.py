@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -76,20 +76,25 @@ def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
             yield str(p), p.read_text(encoding="utf-8", errors="replace")
     elif cfg.source == "jsonl":
         for p in _expand(cfg.paths):
-            with open(p, encoding="utf-8", errors="replace") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{i} is not valid JSON ({e.msg}); fix or remove that line") from None
-                    if not isinstance(rec, dict) or not isinstance(rec.get(cfg.text_field), str):
-                        raise DataError(f"{p}:{i} has no string field '{cfg.text_field}'; "
-                                        f"set data.text_field to the field that holds the text")
-                    yield f"{p}:{i}", rec[cfg.text_field]
+            for i, rec in iter_jsonl(p):
+                if not isinstance(rec, dict) or not isinstance(rec.get(cfg.text_field), str):
+                    raise DataError(f"{p}:{i} has no string field '{cfg.text_field}'; "
+                                    f"set data.text_field to the field that holds the text")
+                yield f"{p}:{i}", rec[cfg.text_field]
     else:
         raise DataError(f"unknown data.source '{cfg.source}'")
+
+
+def iter_jsonl(path: Path, error: type[ValueError] = DataError) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for every non-blank line of a JSONL file; a bad line raises `error` naming it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{i} is not valid JSON ({e.msg}); fix or remove that line") from None
 
 
 def is_validation(text: str, fraction: float) -> bool:

@@ -84,22 +84,12 @@ def load_run(run_dir, step: int | None = None, overrides: Sequence[str] = ()) ->
     """
     from gptjax import config as config_lib
     from gptjax import data as data_lib
-    from gptjax.checkpoint import CheckpointError, Checkpoints
+    from gptjax.checkpoint import open_step
     from gptjax.sharding import make_mesh
     from gptjax.train_lib import make_trainer
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is not a directory; pass a run directory written by train.py "
-                              f"(or by convert.py from-hf)")
-    ckpts = Checkpoints(run_dir, read_only=True)
-    steps = ckpts.all_steps()
-    if not steps:
-        raise CheckpointError(f"{run_dir} holds no complete checkpoint; train first (python train.py run_dir={run_dir})")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {ckpts.dir}; available steps: {steps}")
-    stored = config_lib.from_dict(config_lib.TrainConfig, ckpts.config(step))
+    ckpts, step, stored = open_step(run_dir, step)
+    stored = config_lib.from_dict(config_lib.TrainConfig, stored)
     cfg = config_lib.apply_overrides(stored, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"] + list(overrides))
     mesh = make_mesh(cfg.mesh)
     trainer = make_trainer(cfg, mesh)
@@ -108,7 +98,7 @@ def load_run(run_dir, step: int | None = None, overrides: Sequence[str] = ()) ->
     if tok.vocab_size > cfg.model.vocab_size:
         raise data_lib.DataError(f"the tokenizer in {run_dir} has {tok.vocab_size} tokens but the model only "
                                  f"{cfg.model.vocab_size}; put the model's own tokenizer files in {run_dir}")
-    return Run(cfg, mesh, trainer, state["params"], tok, step, run_dir)
+    return Run(cfg, mesh, trainer, state["params"], tok, step, Path(run_dir))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -416,21 +416,13 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None 
     import jax
 
     from gptjax import config as config_lib
-    from gptjax.checkpoint import CheckpointError, Checkpoints
+    from gptjax.checkpoint import open_step
     from gptjax.data import DataError, load_tokenizer
     from gptjax.model import abstract_params
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is not a directory; pass a run directory written by train.py or convert.py")
-    ckpts = Checkpoints(run_dir, read_only=True, log=log)
-    steps = ckpts.all_steps()
-    if not steps:
-        raise CheckpointError(f"{run_dir} holds no complete checkpoint")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {ckpts.dir}; available steps: {steps}")
-    cfg = config_lib.from_dict(config_lib.TrainConfig, ckpts.config(step)).model
+    ckpts, step, stored = open_step(run_dir, step, log=log)
+    cfg = config_lib.from_dict(config_lib.TrainConfig, stored).model
     hf_config(cfg)  # refuse a non-GPT-2 architecture before reading any weights
 
     dev = jax.devices()[0]

@@ -63,18 +63,13 @@ class Task:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    from gptjax.data import iter_jsonl
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{i} is not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(rec, dict):
-                raise TaskError(f"{path}:{i} is not a JSON object")
-            rows.append(rec)
+    for i, rec in iter_jsonl(path, TaskError):
+        if not isinstance(rec, dict):
+            raise TaskError(f"{path}:{i} is not a JSON object")
+        rows.append(rec)
     if not rows:
         raise TaskError(f"{path} holds no records")
     return rows
