@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -71,6 +72,9 @@ class GptjaxLM(_LM):
                  max_batch_size: int | None = None, device: str | None = None, progress: bool = True):
         require_lm_eval()
         super().__init__()
+        # lm-eval bootstraps some standard errors (perplexity, ...) in a forked process pool; forking a process
+        # whose JAX runtime has started threads can deadlock, so ask it for its one-process loop instead.
+        os.environ.setdefault("DISABLE_MULTIPROC", "1")
         from gptjax.evaluate import Scorer, load_run
 
         if isinstance(overrides, str):
@@ -274,7 +278,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=0, help="default: the training micro-batch")
     p.add_argument("--max-gen-toks", type=int, default=256, help="for tasks that do not set their own")
     p.add_argument("--seed", type=int, default=0, help="seed of lm-eval's few-shot sampling and of generation")
-    p.add_argument("--bootstrap-iters", type=int, default=100000, help="for the standard errors of some metrics")
+    p.add_argument("--bootstrap-iters", type=int, default=1000,
+                   help="resamples for the standard errors of perplexity-like metrics (one process: lm-eval's "
+                        "100000 is slow here); 0 skips them")
     p.add_argument("--output", default=None, help="write lm-eval's results to this JSON file")
     p.add_argument("--log-samples", action="store_true", help="include every request and response in --output")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. mesh.tensor=2")

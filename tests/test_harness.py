@@ -229,6 +229,7 @@ def task_dir(tmp_path_factory, ref):
           {"question": "class A:\n    def __init__(self", "choices": ["):", " 1 1", " for", " ]"], "label": 0}]
     write("gptjax_mc", mc, "fewshot_split: train\nnum_fewshot: 1\noutput_type: multiple_choice\n"
           "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+          "target_delimiter: \"\"\n"
           "metric_list:\n  - metric: acc\n  - metric: acc_norm\n", splits=("test", "train"))
 
     ppl = [{"text": "import os\nimport sys\n"}, {"text": "def add(a, b):\n    return a + b\n\n" * 6},
