@@ -144,6 +144,7 @@ def test_encode_pair_is_lm_evals(lm):
 
 
 def test_loglikelihood_matches_forward(lm, ref):
+    truncated = lm.scorer.truncated
     got = lm.loglikelihood(requests("loglikelihood", CONTEXTS))
     want = [ref.loglikelihood(*ref.split(c, x)) for c, x in CONTEXTS]
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
@@ -151,18 +152,19 @@ def test_loglikelihood_matches_forward(lm, ref):
     assert all(isinstance(ll, float) and isinstance(g, bool) for ll, g in got)
     assert got[-1] == (0.0, True) and all(ll < 0 for ll, _ in got[:-1])
     # the long context lost its oldest tokens to fit the 32-token window
-    assert len(sum(ref.split(*CONTEXTS[5]), [])) > ref.T + 1
+    assert len(sum(ref.split(*CONTEXTS[5]), [])) > ref.T + 1 and lm.scorer.truncated == truncated + 1
 
     # a continuation that is the model's own greedy choice is reported greedy
     ctx = ref.encode("import os\n")
     greedy = ref.greedy(ctx, 3)
+    assert len(greedy) == 3
     assert lm._score([(ctx, greedy)], "greedy")[0][1] is True
     assert lm._score([(ctx, greedy[:-1] + [greedy[-1] ^ 1])], "not greedy")[0][1] is False
 
 
 def test_loglikelihood_rolling_is_the_sum_over_tokens(lm, ref):
     short = "import os\n"
-    long = "def add(a, b):\n    return a + b\n\n" * 8  # several 32-token windows
+    long = "def add(a, b):\n    return a + b\n\n" * 8 + "print(add(1, 2))\n"  # several 32-token windows
     got = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(short,), (long,), ("",)]))
     # short: one window, every token predicted from end-of-text and its prefix
     ids = ref.encode(short)
@@ -170,7 +172,7 @@ def test_loglikelihood_rolling_is_the_sum_over_tokens(lm, ref):
     np.testing.assert_allclose(got[0], sum(lp[i, t] for i, t in enumerate(ids)), rtol=1e-5)
     # long: each token predicted once, from as much context as fits in the window (up to 31 tokens)
     ids = ref.encode(long)
-    assert len(ids) > 3 * ref.T
+    assert len(ids) > 3 * ref.T and len(ids) % ref.T  # the last window is partial: it gets a full context
     np.testing.assert_allclose(got[1], _rolling_by_hand(ref, ids), rtol=1e-5)
     assert got[2] == 0.0
 
@@ -232,7 +234,7 @@ def task_dir(tmp_path_factory, ref):
           "target_delimiter: \"\"\n"
           "metric_list:\n  - metric: acc\n  - metric: acc_norm\n", splits=("test", "train"))
 
-    ppl = [{"text": "import os\nimport sys\n"}, {"text": "def add(a, b):\n    return a + b\n\n" * 6},
+    ppl = [{"text": "import os\nimport sys\n"}, {"text": "def add(a, b):\n    return a + b\n\n" * 6 + "add(1, 2)\n"},
            {"text": "x = 1"}]
     write("gptjax_ppl", ppl, "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\n"
           "doc_to_target: \"{{text}}\"\nmetric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
