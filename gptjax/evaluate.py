@@ -178,10 +178,14 @@ class Scorer:
 
     def rolling_loglikelihood(self, ids: Sequence[int], desc: str = "scoring") -> float:
         """Total log-likelihood of a token sequence, the first token conditioned on end-of-text, in disjoint
-        windows of the context length (each window's first prediction sees only the token before it)."""
+        windows of block_size predictions, as lm-evaluation-harness's rolling windows: each full window sees
+        only the token before it, the last (partial) one as much context as fits."""
         ids, T = list(ids), self.cfg.block_size
         if not ids:
             return 0.0
         seq = [self.run.tokenizer.eot_id] + ids
-        pairs = [(seq[j - 1:j], seq[j:j + T]) for j in range(1, len(seq), T)]
+        pairs = []
+        for j in range(1, len(seq), T):
+            cont = seq[j:j + T]
+            pairs.append((seq[max(0, j + len(cont) - T - 1):j], cont))
         return sum(lp for lp, _ in self.loglikelihood(pairs, desc=desc))

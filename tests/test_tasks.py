@@ -226,7 +226,11 @@ def test_rolling_loglikelihood_sums_every_token(run):
     ids = list(np.random.default_rng(1).integers(1, 500, 2 * T + 5))
     eot = run.tokenizer.eot_id
     seq = [eot] + ids
-    ref = sum(by_hand(run, seq[j - 1:j], seq[j:j + T])[0] for j in range(1, len(seq), T))
+    # lm-evaluation-harness's windows: full windows of T predictions; the last, partial one (5 tokens) is
+    # conditioned on the T - 4 tokens before it
+    windows = [(seq[0:1], seq[1:T + 1]), (seq[T:T + 1], seq[T + 1:2 * T + 1]), (seq[T + 5:2 * T + 1], seq[2 * T + 1:])]
+    assert sum(len(c) for _, c in windows) == len(ids) and all(len(a) + len(c) == T + 1 for a, c in windows)
+    ref = sum(by_hand(run, a, c)[0] for a, c in windows)
     np.testing.assert_allclose(scorer.rolling_loglikelihood(ids), ref, rtol=1e-5)
 
 
