@@ -22,6 +22,10 @@ os.environ["GPTJAX_CACHE"] = _SESSION_CACHE
 # resumption) compile the train step once between them.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SESSION_CACHE, "jax")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# No test may reach the network: the Hugging Face datasets / hub clients (lm-eval, transformers) refuse to,
+# so a task that needed a download fails at once instead of hanging.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
-# No test may reach the network: the Hugging Face datasets / hub clients refuse to, and a task that
-# needed a download fails instead of hanging.
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["HF_HUB_OFFLINE"] = "1"
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from lm_eval.api.instance import Instance
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-
-from conftest import run_script  # noqa: E402
-from gptjax import harness  # noqa: E402
-from gptjax.model import forward, vocab_mask  # noqa: E402
+from conftest import run_script
+from gptjax import harness
+from gptjax.model import forward, vocab_mask
 
 CONTEXTS = [
     ("import os\n\ndef main(", "):\n    pass"),
@@ -38,7 +32,7 @@ CONTEXTS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def offline():
-    """The environment above is read when `datasets` is imported; it may have been imported already."""
+    """conftest sets HF_*_OFFLINE, which `datasets` reads when first imported; make sure it took."""
     import datasets.config
     import huggingface_hub.constants
 
