@@ -50,10 +50,11 @@ def cache_slots(cfg: ModelConfig, S: int) -> tuple[int, ...]:
 
 
 def init_cache(cfg: ModelConfig, B: int, S: int) -> tuple:
-    """One (k, v) pair per pattern position, each [G, B, W, N, H] in the compute dtype."""
+    """One (k, v) pair per pattern position, each [G, B, N, W, H] in the compute dtype (heads before slots,
+    so a decode step's attention is a batched matrix-vector product without transposing the cache)."""
     G, N, H = cfg.n_layer // len(cfg.attention_pattern), cfg.n_head, cfg.head_dim
     dt = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    return tuple((jnp.zeros((G, B, W, N, H), dt), jnp.zeros((G, B, W, N, H), dt)) for W in cache_slots(cfg, S))
+    return tuple((jnp.zeros((G, B, N, W, H), dt), jnp.zeros((G, B, N, W, H), dt)) for W in cache_slots(cfg, S))
 
 
 def _slot_positions(pos_B: jax.Array, W: int) -> jax.Array:
@@ -115,15 +116,18 @@ def _prefill(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, lens_B: jax
     last_B = lens_B - 1
 
     def make_attend(kind, k_cache, v_cache):
-        W = k_cache.shape[1]
+        W = k_cache.shape[2]
         window = cfg.local_window if kind == "banded" else None
 
         def attend(q_BTNH, k_BTNH, v_BTNH):
             o_BTNH = attention(q_BTNH, k_BTNH, v_BTNH, window=window, impl=cfg.attention_impl)
             # slot s <- the key at the last position <= len-1 congruent to s mod W (padding is never read)
             src_BW = jnp.maximum(_slot_positions(last_B, W), 0)
-            gather = lambda a_BTNH: jnp.take_along_axis(a_BTNH, src_BW[:, :, None, None], axis=1)
-            return o_BTNH, (gather(k_BTNH).astype(k_cache.dtype), gather(v_BTNH).astype(v_cache.dtype))
+
+            def gather(a_BTNH, dtype):
+                a_BWNH = jnp.take_along_axis(a_BTNH, src_BW[:, :, None, None], axis=1)
+                return a_BWNH.transpose(0, 2, 1, 3).astype(dtype)
+            return o_BTNH, (gather(k_BTNH, k_cache.dtype), gather(v_BTNH, v_cache.dtype))
         return attend
 
     x_BTD = embed(cfg, params, tokens_BT)
@@ -134,29 +138,45 @@ def _prefill(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, lens_B: jax
 
 
 def decode_step(cfg: ModelConfig, params: Params, cache: tuple, tok_B: jax.Array, pos_B: jax.Array):
-    """Feed one token per row at its own position; returns the new cache and float32 logits [B, V]."""
+    """Feed one token per row at its own position; returns the new cache and float32 logits [B, V].
 
-    def make_attend(kind, k_cache, v_cache):
-        W = k_cache.shape[1]
+    The whole cache rides in the layer scan's carry and each layer writes its one new slot per row in place
+    (a scatter), so a step moves O(B * N * H) cache entries, not the whole cache."""
+    P = len(cfg.attention_pattern)
+    G = cfg.n_layer // P
+    h_G = jax.tree.map(lambda a: a.reshape((G, P) + a.shape[1:]), params["h"])
+    rows_B = jnp.arange(tok_B.shape[0])
 
-        def attend(q_B1NH, k_B1NH, v_B1NH):
-            write_BW = (jnp.arange(W)[None, :] == jnp.mod(pos_B, W)[:, None])[:, :, None, None]
-            k_BWNH = jnp.where(write_BW, k_B1NH.astype(k_cache.dtype), k_cache)
-            v_BWNH = jnp.where(write_BW, v_B1NH.astype(v_cache.dtype), v_cache)
-            # In a band of width w, the W = w slots hold exactly the keys it may see, once written.
-            valid_BW = _slot_positions(pos_B, W) >= 0
-            H = q_B1NH.shape[-1]
-            logits_BNW = jnp.einsum("BNH,BWNH->BNW", q_B1NH[:, 0], k_BWNH,
-                                    preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
-            logits_BNW = jnp.where(valid_BW[:, None, :], logits_BNW, jnp.finfo(jnp.float32).min)
-            probs_BNW = jax.nn.softmax(logits_BNW, axis=-1)
-            o_BNH = jnp.einsum("BNW,BWNH->BNH", probs_BNW.astype(v_BWNH.dtype), v_BWNH)
-            return o_BNH[:, None], (k_BWNH, v_BWNH)
-        return attend
+    def superblock(carry, xs):
+        x_B1D, cache = carry
+        hp, g = xs
+        cache = list(cache)
+        for i, kind in enumerate(cfg.attention_pattern):
+            k_cache, v_cache = cache[i]
+            W = k_cache.shape[3]
+            slot_B = jnp.mod(pos_B, W)
+
+            def attend(q_B1NH, k_B1NH, v_B1NH, k_cache=k_cache, v_cache=v_cache, W=W, slot_B=slot_B):
+                k_cache = k_cache.at[g, rows_B, :, slot_B].set(k_B1NH[:, 0].astype(k_cache.dtype))
+                v_cache = v_cache.at[g, rows_B, :, slot_B].set(v_B1NH[:, 0].astype(v_cache.dtype))
+                k_BNWH, v_BNWH = k_cache[g], v_cache[g]
+                # In a band of width w, the W = w slots hold exactly the keys it may see, once written.
+                valid_BW = _slot_positions(pos_B, W) >= 0
+                H = q_B1NH.shape[-1]
+                logits_BNW = jnp.einsum("BNH,BNWH->BNW", q_B1NH[:, 0], k_BNWH,
+                                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
+                logits_BNW = jnp.where(valid_BW[:, None, :], logits_BNW, jnp.finfo(jnp.float32).min)
+                probs_BNW = jax.nn.softmax(logits_BNW, axis=-1)
+                o_BNH = jnp.einsum("BNW,BNWH->BNH", probs_BNW.astype(v_BNWH.dtype), v_BNWH)
+                return o_BNH[:, None], (k_cache, v_cache)
+
+            layer = jax.tree.map(lambda a: a[i], hp)
+            x_B1D, cache[i] = block(cfg, layer, x_B1D, kind, None, attend=attend)
+        return (x_B1D, tuple(cache)), None
 
     # a finished row may sit one past the context; its output is ignored, but keep the lookup in range
     x_B1D = embed(cfg, params, tok_B[:, None], jnp.minimum(pos_B, cfg.block_size - 1)[:, None])
-    x_B1D, cache = _scan_layers(cfg, params, x_B1D, cache, make_attend)
+    (x_B1D, cache), _ = jax.lax.scan(superblock, (x_B1D, cache), (h_G, jnp.arange(G)))
     return cache, unembed(cfg, params, x_B1D)[:, 0]
 
 

@@ -74,7 +74,7 @@ def test_cached_logits_match_the_forward_pass_at_every_position():
 def test_banded_layers_keep_only_window_slots():
     cfg, _ = make("dense,banded", 5)
     shapes = [k.shape for k, _ in gen.init_cache(cfg, 3, 64)]
-    assert shapes == [(1, 3, 64, 4, 16), (1, 3, 5, 4, 16)]
+    assert shapes == [(1, 3, 4, 64, 16), (1, 3, 4, 5, 16)]
     # slot positions: newest key at 12 in 5 slots -> slots hold 10, 11, 12, 8, 9
     assert np.asarray(gen._slot_positions(jnp.asarray([12, 1]), 5)).tolist() == [[10, 11, 12, 8, 9],
                                                                                 [0, 1, -3, -2, -1]]
