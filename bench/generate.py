@@ -5,8 +5,8 @@
   python bench/generate.py --config gpt2-small --batches 1,8 --new-tokens 256 --modes cache   # GPU
 
 "cache" is gptjax.generate.generate (prefill, then compiled decode chunks over the KV cache); "no-cache"
-recomputes the forward pass over the whole [B, block_size] window for every token. Greedy decoding, no
-end-of-text stop, so every row produces exactly --new-tokens tokens. Each number is the median of
+recomputes the forward pass over the whole [B, block_size] window for every token. Greedy decoding unless
+--temperature is set; no end-of-text stop, so every row produces exactly --new-tokens tokens. Each number is the median of
 --repeats timed runs after one warm-up run that compiles. Prints numbers; asserts nothing.
 """
 
@@ -30,6 +30,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--modes", default="cache,no-cache")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args()
@@ -49,16 +52,18 @@ def main() -> None:
     print(f"model {cfg.name}: {cfg.n_layer} layers, d_model {cfg.d_model}, context {cfg.block_size}, "
           f"pattern {','.join(cfg.attention_pattern)}; {jax.devices()[0].device_kind} x {len(jax.devices())}, "
           f"jax {jax.__version__}")
-    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, greedy")
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}"
+    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, {how}")
     rng = np.random.default_rng(0)
     rows = []
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = [list(rng.integers(0, cfg.vocab_size, args.prompt_len)) for _ in range(B)]
         for mode in args.modes.split(","):
             if mode == "cache":
-                fn = lambda: generate(cfg, params, prompts, args.new_tokens, batch_size=B)  # noqa: E731
+                fn = lambda: generate(cfg, params, prompts, args.new_tokens, batch_size=B, **sampling)  # noqa: E731
             elif mode == "no-cache":
-                fn = lambda: generate_uncached(cfg, params, prompts, args.new_tokens)  # noqa: E731
+                fn = lambda: generate_uncached(cfg, params, prompts, args.new_tokens, **sampling)  # noqa: E731
             else:
                 raise SystemExit(f"unknown mode {mode!r}: use cache, no-cache")
             t0 = time.perf_counter()

@@ -101,10 +101,18 @@ def _filter_logits(logits_BV: jax.Array, top_k, top_p) -> jax.Array:
 def sample_logits(cfg: ModelConfig, logits_BV: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """[B] next tokens: greedy when temperature == 0, else sampled from the filtered, tempered distribution."""
     logits_BV = logits_BV + vocab_mask(cfg)
-    greedy_B = jnp.argmax(logits_BV, axis=-1)
-    filtered_BV = _filter_logits(logits_BV, top_k, top_p)
-    sampled_B = jax.random.categorical(key, filtered_BV / jnp.maximum(temperature, 1e-6), axis=-1)
-    return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+    # Branches, not a select of all three: sorting the vocabulary for top-k/top-p every step is as costly as
+    # the decode step itself on a CPU, and greedy decoding needs none of it.
+    def sampled(logits_BV):
+        return jax.random.categorical(key, logits_BV / jnp.maximum(temperature, 1e-6), axis=-1).astype(jnp.int32)
+
+    def hot(_):
+        filtering = (top_k > 0) | (top_p < 1.0)
+        return jax.lax.cond(filtering, lambda: sampled(_filter_logits(logits_BV, top_k, top_p)),
+                            lambda: sampled(logits_BV))
+
+    return jax.lax.cond(temperature > 0, hot, lambda _: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), None)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
