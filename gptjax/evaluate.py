@@ -176,16 +176,24 @@ class Scorer:
                 out[i] = (float(logp[r]), bool(greedy[r]))
         return out
 
-    def rolling_loglikelihood(self, ids: Sequence[int], desc: str = "scoring") -> float:
-        """Total log-likelihood of a token sequence, the first token conditioned on end-of-text, in disjoint
+    def rolling_loglikelihoods(self, docs: Sequence[Sequence[int]], desc: str = "scoring") -> list[float]:
+        """Total log-likelihood of each token sequence, its first token conditioned on end-of-text, in disjoint
         windows of block_size predictions, as lm-evaluation-harness's rolling windows: each full window sees
-        only the token before it, the last (partial) one as much context as fits."""
-        ids, T = list(ids), self.cfg.block_size
-        if not ids:
-            return 0.0
-        seq = [self.run.tokenizer.eot_id] + ids
-        pairs = []
-        for j in range(1, len(seq), T):
-            cont = seq[j:j + T]
-            pairs.append((seq[max(0, j + len(cont) - T - 1):j], cont))
-        return sum(lp for lp, _ in self.loglikelihood(pairs, desc=desc))
+        only the token before it, the last (partial) one as much context as fits. The windows of all the
+        sequences are scored together, so short documents share batches."""
+        T, eot = self.cfg.block_size, self.run.tokenizer.eot_id
+        pairs, owner = [], []
+        for d, ids in enumerate(docs):
+            seq = [eot] + list(ids)
+            for j in range(1, len(seq), T):
+                cont = seq[j:j + T]
+                pairs.append((seq[max(0, j + len(cont) - T - 1):j], cont))
+                owner.append(d)
+        totals = [0.0] * len(docs)
+        for d, (ll, _) in zip(owner, self.loglikelihood(pairs, desc=desc) if pairs else []):
+            totals[d] += ll
+        return totals
+
+    def rolling_loglikelihood(self, ids: Sequence[int], desc: str = "scoring") -> float:
+        """`rolling_loglikelihoods` of one sequence."""
+        return self.rolling_loglikelihoods([ids], desc=desc)[0]

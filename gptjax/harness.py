@@ -117,20 +117,10 @@ class GptjaxLM(_LM):
     # -- loglikelihood ----------------------------------------------------------------------------
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's convention (its TemplateLM and Hugging Face model): trailing whitespace of the context
-        moves to the continuation, the continuation's tokens are those of encode(context + continuation)
-        after the first len(encode(context)), and an empty context becomes end-of-text."""
-        if context == "":
-            cont = self.tok_encode(continuation)
-            if cont and cont[0] == self.eot_token_id:
-                return cont[:1], cont[1:]
-            return [self.eot_token_id], cont
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        whole = self.tok_encode(context + continuation)
-        ctx = self.tok_encode(context)
-        return ctx, whole[len(ctx):]
+        """lm-eval's context/continuation split (tasks.encode_pair)."""
+        from gptjax.tasks import encode_pair
+
+        return encode_pair(self.tok, context, continuation)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self.encode_pair(*req.args) for req in requests]
@@ -140,20 +130,10 @@ class GptjaxLM(_LM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-        # Every token of a document predicted once, the first from end-of-text, each window with as much
-        # context as fits; windows of all documents go to the scorer together so they batch.
-        windows, owner = [], []
-        for i, req in enumerate(requests):
-            ids = self.tok_encode(req.args[0])
-            for w in get_rolling_token_windows(token_list=ids, prefix_token=self.eot_token_id,
-                                               max_seq_len=self.max_length, context_len=1):
-                windows.append(make_disjoint_window(w))
-                owner.append(i)
-        totals = [0.0] * len(requests)
-        for i, (ll, _) in zip(owner, self._score(windows, "loglikelihood_rolling")):
-            totals[i] += ll
+        # lm-eval's disjoint rolling windows (every token predicted once, the first from end-of-text, the last
+        # window with as much context as fits), all documents' windows scored together so they batch
+        totals = self.scorer.rolling_loglikelihoods([self.tok_encode(req.args[0]) for req in requests],
+                                                    desc="loglikelihood_rolling")
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals

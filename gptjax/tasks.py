@@ -202,23 +202,32 @@ def _indent(line: str) -> str:
     return line[: len(line) - len(line.lstrip())]
 
 
+def _take(spots: list[tuple[int, int]], n: int, rng: random.Random, item_at) -> list[dict]:
+    """Up to n items from the (document, line) spots in a seeded random order; `item_at` may decline a spot."""
+    rng.shuffle(spots)
+    items = []
+    for d, j in spots:
+        if len(items) == n:
+            break
+        item = item_at(d, j)
+        if item is not None:
+            items.append(item)
+    return items
+
+
 def _nextline_items(docs: Sequence[str], n: int, rng: random.Random) -> list[dict]:
     """Items: the 2-12 lines before a line, which is the gold among it and 3 lines of the same indentation
     drawn from elsewhere (other documents, or at least 50 lines away in the same one)."""
     by_indent: dict[str, list[tuple[int, int, str]]] = {}
     spots = []
     for d, text in enumerate(docs):
-        lines = _lines(text)
-        for j, line in enumerate(lines):
+        for j, line in enumerate(_lines(text)):
             if len(line.strip()) >= MIN_LINE and not line.lstrip().startswith("#"):
                 by_indent.setdefault(_indent(line), []).append((d, j, line))
                 if j >= 2:
                     spots.append((d, j))
-    rng.shuffle(spots)
-    items = []
-    for d, j in spots:
-        if len(items) == n:
-            break
+
+    def item_at(d, j):
         lines = _lines(docs[d])
         gold = lines[j]
         pool = by_indent[_indent(gold)]
@@ -227,13 +236,13 @@ def _nextline_items(docs: Sequence[str], n: int, rng: random.Random) -> list[dic
         distractors = list(dict.fromkeys(ln for dd, jj, ln in picks
                                          if (dd != d or abs(jj - j) >= 50) and ln not in near))[:3]
         if len(distractors) < 3:
-            continue
+            return None
         k = rng.randint(2, 12)
-        context = "\n".join(lines[max(0, j - k):j]) + "\n"
         choices = distractors + [gold]
         rng.shuffle(choices)
-        items.append({"context": context, "choices": choices, "gold": choices.index(gold)})
-    return items
+        return {"context": "\n".join(lines[max(0, j - k):j]) + "\n", "choices": choices, "gold": choices.index(gold)}
+
+    return _take(spots, n, rng, item_at)
 
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -243,16 +252,9 @@ _COMMON = set(keyword.kwlist) | set(dir(builtins)) | {"self", "cls", "args", "kw
 def _cloze_items(docs: Sequence[str], n: int, rng: random.Random) -> list[dict]:
     """Items: a line cut just before an identifier (>= 5 characters, not a keyword or builtin) that already
     occurs in the 4-20 lines before it."""
-    spots = []
-    for d, text in enumerate(docs):
-        lines = _lines(text)
-        for j in range(4, len(lines)):
-            spots.append((d, j))
-    rng.shuffle(spots)
-    items = []
-    for d, j in spots:
-        if len(items) == n:
-            break
+    spots = [(d, j) for d, text in enumerate(docs) for j in range(4, len(_lines(text)))]
+
+    def item_at(d, j):
         lines = _lines(docs[d])
         k = rng.randint(4, 20)
         before = "\n".join(lines[max(0, j - k):j]) + "\n"
@@ -261,10 +263,11 @@ def _cloze_items(docs: Sequence[str], n: int, rng: random.Random) -> list[dict]:
                  if len(m.group()) >= 5 and m.group() in seen and m.group() not in _COMMON
                  and m.start() > 0 and lines[j][m.start() - 1] not in "'\"#"]
         if not cands or lines[j].lstrip().startswith("#"):
-            continue
+            return None
         m = rng.choice(cands)
-        items.append({"context": before + lines[j][:m.start()], "target": m.group()})
-    return items
+        return {"context": before + lines[j][:m.start()], "target": m.group()}
+
+    return _take(spots, n, rng, item_at)
 
 
 def split_documents(data_cfg) -> tuple[list[str], list[str]]:
@@ -341,17 +344,17 @@ def prompt(task: Task, i: int, shots: int, seed: int = FEWSHOT_SEED) -> str:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-evaluation-harness's split: trailing spaces of the context go to the continuation; the continuation's
-    tokens are those of the whole text after the context's own tokens."""
-    n = len(context) - len(context.rstrip(" "))
+    """lm-evaluation-harness's split (its TemplateLM and Hugging Face model): trailing whitespace of the context
+    goes to the continuation; the continuation's tokens are those of encode(context + continuation) after
+    the first len(encode(context)); an empty context becomes end-of-text."""
+    if not context:
+        return [tokenizer.eot_id], tokenizer.encode(continuation)
+    n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context) if context else []
-    cont = whole[len(ctx):]
-    if not cont:  # the last context token absorbed the continuation: score it on its own
-        cont = tokenizer.encode(continuation)
-    return (ctx or [tokenizer.eot_id]), cont
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
 
 
 def _stderr(values: Sequence[float]) -> float:
@@ -370,12 +373,10 @@ def evaluate(task: Task, scorer, tokenizer, *, shots: int = 0, limit: int = 0, s
     if task.kind == "perplexity":
         if shots:
             raise TaskError(f"{task.name} is a perplexity task: it takes no shots")
-        nats = n_tok = n_bytes = 0
-        for i in docs:
-            ids = tokenizer.encode(task.test[i]["text"])
-            nats -= scorer.rolling_loglikelihood(ids, desc=desc)
-            n_tok += len(ids)
-            n_bytes += len(task.test[i]["text"].encode("utf-8"))
+        texts = [task.test[i]["text"] for i in docs]
+        ids = [tokenizer.encode(t) for t in texts]
+        nats = -sum(scorer.rolling_loglikelihoods(ids, desc=desc))
+        n_tok, n_bytes = sum(map(len, ids)), sum(len(t.encode("utf-8")) for t in texts)
         return {"token_perplexity": math.exp(min(nats / max(n_tok, 1), 700.0)),
                 "bits_per_byte": nats / max(n_bytes, 1) / math.log(2), "n": len(docs), "tokens": n_tok}
 
