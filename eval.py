@@ -71,10 +71,9 @@ def main(argv=None) -> int:
 
 def heldout_text(cfg) -> bytes:
     """The held-out documents of the run's corpus, joined as data.prepare joins them (its val.txt)."""
-    from gptjax import data as data_lib
+    from gptjax.tasks import split_documents
 
-    docs = [t for _, t in data_lib.iter_documents(cfg.data) if data_lib.is_validation(t, cfg.data.val_fraction)]
-    return "\n".join(docs).encode("utf-8")
+    return "\n".join(split_documents(cfg.data)[0]).encode("utf-8")
 
 
 def token_cache(run) -> Path | None:

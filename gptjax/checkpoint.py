@@ -26,6 +26,14 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used as asked; the message says what to do."""
 
 
+def complete_steps(ckpt_dir: Path) -> list[int]:
+    """The steps under a checkpoints/ directory whose saves completed (Orbax wrote their metadata)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir()
+                  if p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+
+
 def weights_only_message(run_dir: Path, step: int) -> str:
     return (f"{run_dir} holds imported weights without optimizer state (checkpoint step {step}), so training cannot "
             f"resume from it; train into a new run_dir=..., or evaluate it with python eval.py {run_dir}")
@@ -35,10 +43,7 @@ def weights_only_step(run_dir: str | Path) -> int | None:
     """The latest complete checkpoint step of `run_dir` if it holds parameters but no optimizer state (what
     convert.py writes), else None. Reads only the directory listing, so any process may ask."""
     d = Path(run_dir) / "checkpoints"
-    if not d.is_dir():
-        return None
-    steps = sorted(int(p.name) for p in d.iterdir()
-                   if p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+    steps = complete_steps(d)
     if steps and (d / str(steps[-1]) / "params").is_dir() and not (d / str(steps[-1]) / "opt").is_dir():
         return steps[-1]
     return None
@@ -86,10 +91,7 @@ class Checkpoints:
             shutil.rmtree(p, ignore_errors=True)
 
     def steps_on_disk(self) -> list[int]:
-        if not self.dir.exists():
-            return []
-        return sorted(int(p.name) for p in self.dir.iterdir()
-                      if p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+        return complete_steps(self.dir)
 
     def all_steps(self) -> list[int]:
         return sorted(self.mgr.all_steps())

@@ -213,15 +213,6 @@ class TiktokenTokenizer:
         return self.enc.decode([int(i) for i in ids if int(i) != self.eot_id], errors="replace")
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt")
-
-
-def tokenizer_files(directory: str | Path) -> list[Path]:
-    """The tokenizer files in `directory` that `load_tokenizer` reads (what to copy along with a model)."""
-    d = Path(directory)
-    return [d / n for n in TOKENIZER_FILES if (d / n).is_file()] + sorted(d.glob("*.tiktoken"))
-
-
 def load_tokenizer(run_dir: str | Path):
     """The tokenizer of a run directory, by the files it holds, first match wins:
     tokenizer.model (SentencePiece, what train.py writes); tokenizer.json or vocab.json + merges.txt
