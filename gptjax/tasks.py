@@ -346,7 +346,7 @@ def prompt(task: Task, i: int, shots: int, seed: int = FEWSHOT_SEED) -> str:
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness's split (its TemplateLM and Hugging Face model): trailing whitespace of the context
     goes to the continuation; the continuation's tokens are those of encode(context + continuation) after
-    the first len(encode(context)); an empty context becomes end-of-text."""
+    the first len(encode(context)); an empty (or all-whitespace) context becomes end-of-text."""
     if not context:
         return [tokenizer.eot_id], tokenizer.encode(continuation)
     n = len(context) - len(context.rstrip())
@@ -354,7 +354,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx):]
+    # a context of nothing but whitespace has moved entirely into the continuation: condition on end-of-text
+    return (ctx or [tokenizer.eot_id]), whole[len(ctx):]
 
 
 def _stderr(values: Sequence[float]) -> float:

@@ -125,6 +125,9 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation():
     ctx, cont = tasks.encode_pair(tok, "Answer: ", "yes")
     assert ctx == tok.encode("Answer:") and cont == tok.encode(" yes")
     assert tasks.encode_pair(tok, "", "x") == ([0], [ord("x")])
+    assert tasks.encode_pair(tok, "def f():\n", "    pass") == (tok.encode("def f():"), tok.encode("\n    pass"))
+    # all whitespace: the whole context moves over and end-of-text stands in for it
+    assert tasks.encode_pair(tok, "\n\n  ", "x = 1") == ([0], tok.encode("\n\n  x = 1"))
 
 
 # ----------------------------------------------------------------------------------------------
