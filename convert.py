@@ -30,20 +30,13 @@ def main(argv=None) -> int:
     t.add_argument("--force", action="store_true", help="replace the model and tokenizer files of a non-empty OUT_DIR")
     args = p.parse_args(argv)
 
-    from gptjax import config as config_lib
     from gptjax import hf
-    from gptjax.checkpoint import CheckpointError
-    from gptjax.data import DataError
+    from gptjax.errors import run_command
 
-    try:
-        if args.command == "from-hf":
-            hf.convert_from_hf(args.hf_dir, args.run_dir, tokenizer_dir=args.tokenizer, force=args.force)
-        else:
-            hf.convert_to_hf(args.run_dir, args.out_dir, step=args.step, force=args.force)
-    except (hf.ConversionError, config_lib.ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command == "from-hf":
+        return run_command(hf.convert_from_hf, args.hf_dir, args.run_dir, tokenizer_dir=args.tokenizer,
+                           force=args.force)
+    return run_command(hf.convert_to_hf, args.run_dir, args.out_dir, step=args.step, force=args.force)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. mesh.tensor=2")
     args = p.parse_args(argv)
 
-    from gptjax import config as config_lib
-    from gptjax.checkpoint import CheckpointError
-    from gptjax.data import DataError
-    from gptjax.tasks import TaskError
+    from gptjax.errors import run_command
 
     try:
         shots = [int(s) for s in args.shots.split(",") if s.strip()]
@@ -58,22 +55,21 @@ def main(argv=None) -> int:
         print(f"error: --shots takes comma-separated whole numbers >= 0, e.g. 0,1,5 (got {args.shots!r})",
               file=sys.stderr)
         return 2
-    try:
-        results = evaluate(args, shots)
-    except (config_lib.ConfigError, DataError, CheckpointError, TaskError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_main, args, shots)
+
+
+def _main(args, shots: list[int]) -> None:
+    results = run_eval(args, shots)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
-    return 0
 
 
 def heldout_text(cfg) -> bytes:
     """The held-out documents of the run's corpus, joined as data.prepare joins them (its val.txt)."""
-    from gptjax.tasks import split_documents
+    from gptjax.data import split_documents
 
-    return "\n".join(split_documents(cfg.data)[0]).encode("utf-8")
+    return "\n".join(split_documents(cfg.data)[1]).encode("utf-8")
 
 
 def token_cache(run) -> Path | None:
@@ -94,12 +90,12 @@ def token_cache(run) -> Path | None:
     return data_dir if same else None
 
 
-def evaluate(args, shots: list[int]) -> dict:
+def run_eval(args, shots: list[int]) -> dict:
     import numpy as np
 
     from gptjax import data as data_lib
-    from gptjax import tasks as tasks_lib
-    from gptjax.evaluate import Scorer, bits_per_byte, eval_batch_size, evaluate_windows, heldout, load_run
+    from gptjax.eval import tasks as tasks_lib
+    from gptjax.eval.scoring import Scorer, bits_per_byte, eval_batch_size, heldout, load_run, mean_nats
     from gptjax.generate import cut_at_stop, generate, unescape
 
     run = load_run(args.run_dir, args.step, args.overrides)
@@ -111,7 +107,7 @@ def evaluate(args, shots: list[int]) -> dict:
         if len(ids) < 2:
             raise data_lib.DataError(f"{name} is too short to evaluate (fewer than two tokens)")
         bs, T = eval_batch_size(cfg, run.mesh, args.batch_size), cfg.model.block_size
-        r = evaluate_windows(run.trainer.eval, run.params, data_lib.windows([np.asarray(ids)], T, bs),
+        r = mean_nats(run.trainer.eval_step, run.params, data_lib.windows([np.asarray(ids)], T, bs),
                              run.trainer.eval_batch_sharding, total=math.ceil(len(ids) / T / bs))
         r["bits_per_byte"] = bits_per_byte(r["loss"], len(ids), len(raw))
         r["gzip_bits_per_byte"] = data_lib.gzip_bits_per_byte(raw)
@@ -140,7 +136,7 @@ def evaluate(args, shots: list[int]) -> dict:
             scores[task.name] = {}
             for k in ([0] if task.kind == "perplexity" else shots):
                 t0 = time.time()
-                m = tasks_lib.evaluate(task, scorer, tok, shots=k, limit=args.limit)
+                m = tasks_lib.score_task(task, scorer, tok, shots=k, limit=args.limit)
                 m["seconds"] = round(time.time() - t0, 2)
                 scores[task.name][k] = m
                 if m.get("truncated"):

@@ -34,26 +34,24 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. mesh.tensor=2")
     args = p.parse_args(argv)
 
-    from gptjax import config as config_lib
-    from gptjax.checkpoint import CheckpointError
-    from gptjax.data import DataError
+    from gptjax.errors import run_command
 
     if args.num_samples < 1 or args.batch_size < 1 or args.max_tokens < 0:
         print("error: --num-samples and --batch-size must be at least 1, --max-tokens at least 0", file=sys.stderr)
         return 2
-    try:
-        samples = run(args)
-    except (config_lib.ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_main, args)
+
+
+def _main(args) -> None:
+    samples = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(samples, indent=2) + "\n")
         print(f"wrote {args.json}")
-    return 0
 
 
 def run(args) -> dict:
-    from gptjax.evaluate import load_run
+    from gptjax.errors import GenerationError
+    from gptjax.eval.scoring import load_run
     from gptjax.generate import cut_at_stop, generate, generate_uncached, unescape
 
     r = load_run(args.run_dir, args.step, args.overrides)
@@ -66,7 +64,7 @@ def run(args) -> dict:
     t0 = time.time()
     if args.no_cache:
         if stop:
-            raise ValueError("--stop needs the cache; drop --no-cache")
+            raise GenerationError("--stop needs the cache; drop --no-cache")
         new = generate_uncached(r.cfg.model, r.params, ids, args.max_tokens, **kw)
     else:
         new = generate(r.cfg.model, r.params, ids, args.max_tokens, stop=stop, decode=tok.decode,

@@ -56,48 +56,41 @@ def main(argv=None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
 
     from gptjax import scaling
-    from gptjax.checkpoint import CheckpointError
-    from gptjax.config import ConfigError
-    from gptjax.data import DataError
-    from gptjax.trainer import NonFiniteLoss, Preempted
+    from gptjax.errors import run_command
 
     if args.cmd == "list":
         print("\n".join(scaling.list_sweeps()))
         return 0
-    try:
-        sw = scaling.load_sweep(args.sweep)
-        sweep_dir = Path(args.dir or Path("runs") / "sweeps" / sw.name)
-        if args.cmd == "sweep":
-            if args.dry_run:
-                points, notes = scaling.plan(sw, sweep_dir, args.overrides)
-                print(scaling.describe(points, sw.n_count, args.tflops))
-                print("\n".join(f"note: {n}" for n in notes))
-                return 0
-            scaling.sweep(sw, sweep_dir, args.overrides)
-        elif args.cmd == "fit":
-            recs = scaling.load_results(sweep_dir, args.sweep)
-            fits = scaling.fit_all(recs, bootstrap=args.bootstrap, n_count=args.n_count)
-            text = json.dumps(fits, indent=2) + "\n"
-            (sweep_dir / "fits.json").write_text(text)
-            if args.json:
-                Path(args.json).write_text(text)
-            print(scaling.summarize_fits(fits))
-            print(f"-> {sweep_dir / 'fits.json'}")
-        elif args.cmd == "plot":
-            for path in scaling.plot(sweep_dir, args.out):
-                print(path)
-        elif args.cmd == "predict":
-            scaling.predict(sw, sweep_dir, args.overrides, train=not args.no_train, min_ratio=args.min_ratio,
-                            bootstrap=args.bootstrap)
-    except (scaling.SweepError, ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Preempted as e:
-        print(str(e), file=sys.stderr)
-        return 143
+    return run_command(_main, args)
+
+
+def _main(args) -> int:
+    from gptjax import scaling
+
+    sw = scaling.load_sweep(args.sweep)
+    sweep_dir = Path(args.dir or Path("runs") / "sweeps" / sw.name)
+    if args.cmd == "sweep":
+        if args.dry_run:
+            points, notes = scaling.plan_points(sw, sweep_dir, args.overrides)
+            print(scaling.describe(points, sw.n_count, args.tflops))
+            print("\n".join(f"note: {n}" for n in notes))
+            return 0
+        scaling.sweep(sw, sweep_dir, args.overrides)
+    elif args.cmd == "fit":
+        recs = scaling.load_results(sweep_dir, args.sweep)
+        fits = scaling.fit_all(recs, bootstrap=args.bootstrap, n_count=args.n_count)
+        text = json.dumps(fits, indent=2) + "\n"
+        (sweep_dir / "fits.json").write_text(text)
+        if args.json:
+            Path(args.json).write_text(text)
+        print(scaling.summarize_fits(fits))
+        print(f"-> {sweep_dir / 'fits.json'}")
+    elif args.cmd == "plot":
+        for path in scaling.plot(sweep_dir, args.out):
+            print(path)
+    elif args.cmd == "predict":
+        scaling.predict(sw, sweep_dir, args.overrides, train=not args.no_train, min_ratio=args.min_ratio,
+                        bootstrap=args.bootstrap)
     return 0
 
 

@@ -2,6 +2,7 @@
 
   python train.py                                   # the main job (about 10 minutes on 2 CPU cores)
   python train.py --config gpt2-small batch_size=8 steps=100 run_dir=runs/g2
+  python train.py init_from=runs/tiny run_dir=runs/tiny-more steps=200 optim.lr=3e-4   # start from trained weights
   python train.py --list-presets | --list-keys
   python train.py --config gpt3-175b --compile-only --topology v5p:8x8x16 mesh.fsdp=256 mesh.tensor=4 ...
 """
@@ -31,36 +32,32 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from gptjax import config as config_lib
-    from gptjax import trainer
-    from gptjax.checkpoint import CheckpointError
-    from gptjax.data import DataError
+    from gptjax.errors import run_command
 
     if args.list_presets:
         print("\n".join(config_lib.list_presets()))
         return 0
-    try:
-        if args.topology and not args.compile_only:
-            raise config_lib.ConfigError("--topology only applies to --compile-only (there is no such chip here to "
-                                         "train on); add --compile-only")
-        overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-        cfg = config_lib.resolve(args.config, overrides)
-        if args.list_keys:
-            flat = config_lib.flatten(config_lib.to_dict(cfg))
-            print("\n".join(f"{k} = {v!r}" for k, v in flat.items()))
-            return 0
-        if args.compile_only:
-            return compile_only(cfg, args.topology, args.json)
-        distributed.initialize(args)
-        trainer.run(cfg)
-    except (config_lib.ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except trainer.NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except trainer.Preempted as e:
-        print(str(e), file=sys.stderr)
-        return 143
+    return run_command(_main, args)
+
+
+def _main(args) -> int:
+    from gptjax import config as config_lib
+    from gptjax import distributed
+    from gptjax.train.pretrain import pretrain
+
+    if args.topology and not args.compile_only:
+        raise config_lib.ConfigError("--topology only applies to --compile-only (there is no such chip here to "
+                                     "train on); add --compile-only")
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    cfg = config_lib.resolve(args.config, overrides)
+    if args.list_keys:
+        flat = config_lib.flatten(config_lib.to_dict(cfg))
+        print("\n".join(f"{k} = {v!r}" for k, v in flat.items()))
+        return 0
+    if args.compile_only:
+        return compile_only(cfg, args.topology, args.json)
+    distributed.initialize(args)
+    pretrain(cfg)
     return 0
 
 

@@ -42,7 +42,7 @@ def main() -> None:
     from gptjax.model import init_params
 
     if args.run:
-        from gptjax.evaluate import load_run
+        from gptjax.eval.scoring import load_run
 
         r = load_run(args.run, overrides=args.overrides)
         cfg, params = r.cfg.model, r.params

@@ -19,7 +19,7 @@ import numpy as np
 from gptjax import config as config_lib
 from gptjax import flops
 from gptjax.sharding import make_mesh
-from gptjax.train_lib import make_trainer
+from gptjax.train.steps import make_train_steps
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
     args = p.parse_args()
     cfg = config_lib.resolve(args.config, args.overrides)
     mesh = make_mesh(cfg.mesh)
-    trainer = make_trainer(cfg, mesh)
+    trainer = make_train_steps(cfg, mesh)
     M, B, T, V = cfg.micro_batches, cfg.batch_size, cfg.model.block_size, cfg.model.vocab_size
     rng = np.random.default_rng(0)
 

@@ -23,7 +23,7 @@ from gptjax import flops as flops_lib
 from gptjax.attention import resolve_impl
 from gptjax.config import ConfigError, TrainConfig
 from gptjax.sharding import make_mesh
-from gptjax.train_lib import check_batch_fits_mesh, make_trainer
+from gptjax.train.steps import check_batch_fits_mesh, make_train_steps
 
 GIB = 2**30
 _OOM = re.compile(r"(RESOURCE_EXHAUSTED|[Oo]ut of memory|OOM)")
@@ -59,7 +59,7 @@ def _kernel_attention_flops(cfg: TrainConfig) -> float:
 
 
 def _compile(cfg: TrainConfig, mesh):
-    trainer = make_trainer(cfg, mesh)
+    trainer = make_train_steps(cfg, mesh)
     M, T = cfg.micro_batches, cfg.model.block_size
     batch = jax.ShapeDtypeStruct((M, cfg.batch_size // M, T + 1), jnp.int32, sharding=trainer.batch_sharding)
     return trainer.step.lower(trainer.abstract_state(), batch).compile()

@@ -18,12 +18,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from gptjax.distributed import barrier
+from gptjax.errors import CheckpointError
 
 TMP_PATTERN = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used as asked; the message says what to do."""
 
 
 def complete_steps(ckpt_dir: Path) -> list[int]:
@@ -36,7 +35,8 @@ def complete_steps(ckpt_dir: Path) -> list[int]:
 
 def weights_only_message(run_dir: Path, step: int) -> str:
     return (f"{run_dir} holds imported weights without optimizer state (checkpoint step {step}), so training cannot "
-            f"resume from it; train into a new run_dir=..., or evaluate it with python eval.py {run_dir}")
+            f"resume from it; start from them in a new run_dir: init_from={run_dir} run_dir=NEW_DIR, or evaluate "
+            f"it with python eval.py {run_dir}")
 
 
 def weights_only_step(run_dir: str | Path) -> int | None:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptjax.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration the user wrote cannot be used; the message says how to fix it."""
+
 
 
 ATTENTION_KINDS = ("dense", "banded")
@@ -116,6 +116,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preset: str = "tiny"
     run_dir: str = ""  # "" means runs/<preset>
+    init_from: str = ""  # RUN_DIR or RUN_DIR@STEP: start from that run's parameters (model and tokenizer too)
     steps: int = 1000
     batch_size: int = 32  # global, in sequences
     micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
@@ -161,15 +162,22 @@ def _all_keys(cls, prefix="") -> list[str]:
     return keys
 
 
-def _unknown(key: str, cls) -> ConfigError:
-    keys = _all_keys(TrainConfig)
+def _unknown(key: str, root, cls, error: type[Exception]) -> Exception:
+    """An unknown key, with the nearest valid one. Under TrainConfig the suggestion is a full dotted key
+    (train.py --list-keys lists them); under other roots, a field of the section the key was found in."""
+    if root is not TrainConfig:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        near = difflib.get_close_matches(key.split(".")[-1], fields, n=1, cutoff=0.5)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        return error(f"unknown key '{key}'{hint} (valid: {', '.join(fields)})")
+    keys = _all_keys(root)
     near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not near:  # try matching the last component alone ("n_layers" -> "model.n_layer")
         tails = {k.split(".")[-1]: k for k in keys}
         m = difflib.get_close_matches(key.split(".")[-1], list(tails), n=1, cutoff=0.6)
         near = [tails[m[0]]] if m else []
     hint = f"; did you mean '{near[0]}'?" if near else ""
-    return ConfigError(f"unknown config key '{key}'{hint} (valid keys: python train.py --list-keys)")
+    return error(f"unknown config key '{key}'{hint} (valid keys: python train.py --list-keys)")
 
 
 def coerce(key: str, t, v):
@@ -215,44 +223,74 @@ def coerce(key: str, t, v):
     raise ConfigError(f"'{key}': unsupported type {t}")
 
 
-def from_dict(cls, d: dict, prefix: str = ""):
-    """Build dataclass `cls` from a (partial) nested dict, filling defaults and checking types."""
+def _dataclass_tuple(t):
+    """The element class of a `tuple[SomeDataclass, ...]` field, else None."""
+    if typing.get_origin(t) is tuple:
+        args = typing.get_args(t)
+        if args and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
+
+
+def from_dict(cls, d: dict, prefix: str = "", *, root=None, error: type[Exception] = ConfigError):
+    """Build dataclass `cls` (any root config: train, sweep, and every later stage's) from a (partial) nested
+    dict, filling defaults and checking types. Unknown keys and wrong types raise `error` naming the key."""
+    root = root or cls
     if not isinstance(d, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {d!r}")
+        raise error(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in d.items():
         if k not in names:
-            raise _unknown(prefix + k, cls)
-        t = hints[k]
-        kwargs[k] = from_dict(t, v, prefix + k + ".") if dataclasses.is_dataclass(t) else coerce(prefix + k, t, v)
+            raise _unknown(prefix + k, root, cls, error)
+        t, key = hints[k], prefix + k
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = from_dict(t, v, key + ".", root=root, error=error)
+        elif _dataclass_tuple(t) is not None:
+            if not isinstance(v, (list, tuple)):
+                raise error(f"'{key}' must be a list of mappings, got {v!r}")
+            kwargs[k] = tuple(from_dict(_dataclass_tuple(t), x, f"{key}[{i}].", root=root, error=error)
+                              for i, x in enumerate(v))
+        else:
+            try:
+                kwargs[k] = coerce(key, t, v)
+            except ConfigError as e:
+                raise error(str(e)) from None
     return cls(**kwargs)
 
 
-def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+def apply_overrides(cfg, overrides: list[str]):
+    """`cfg` (any root config dataclass) with key.sub=value overrides, each parsed to its field's type."""
+    root = type(cfg)
     d = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. model.n_layer=6)")
         key, value = item.split("=", 1)
         key = key.strip()
-        node, cls = d, TrainConfig
+        node, cls = d, root
         parts = key.split(".")
         for p in parts[:-1]:
             hints = typing.get_type_hints(cls)
             if p not in hints or not dataclasses.is_dataclass(hints[p]):
-                raise _unknown(key, TrainConfig)
+                raise _unknown(key, root, cls, ConfigError)
             node, cls = node[p], hints[p]
         hints = typing.get_type_hints(cls)
         last = parts[-1]
-        if last not in hints or dataclasses.is_dataclass(hints[last]):
-            raise _unknown(key, TrainConfig)
+        if last not in hints or dataclasses.is_dataclass(hints[last]) or _dataclass_tuple(hints[last]):
+            raise _unknown(key, root, cls, ConfigError)
         node[last] = coerce(key, hints[last], value)
-    return validate(from_dict(TrainConfig, d))
+    return validate(from_dict(root, d))
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
+def validate(cfg):
+    """Check a root config's values (TrainConfig here; other roots register theirs in VALIDATORS)."""
+    check = VALIDATORS.get(type(cfg))
+    return check(cfg) if check else cfg
+
+
+def validate_train(cfg: TrainConfig) -> TrainConfig:
     m = cfg.model
 
     def need(ok, msg):
@@ -290,6 +328,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+VALIDATORS: dict[type, Any] = {TrainConfig: validate_train}
+
+
 # ----------------------------------------------------------------------------------------------
 # Presets
 
@@ -320,18 +361,72 @@ def load_preset(name: str) -> TrainConfig:
 
 
 def resolve(preset: str = "tiny", overrides: list[str] | None = None) -> TrainConfig:
-    cfg = apply_overrides(load_preset(preset), list(overrides or []))
+    overrides = list(overrides or [])
+    cfg = apply_overrides(load_preset(preset), overrides)
+    if cfg.init_from:
+        cfg = adopt_parent_model(cfg, overrides)
     if not cfg.run_dir:
         cfg = dataclasses.replace(cfg, run_dir=str(Path("runs") / cfg.preset))
+    if cfg.init_from and Path(cfg.run_dir).absolute() == Path(split_init_from(cfg.init_from)[0]).absolute():
+        raise ConfigError(f"init_from={cfg.init_from} names the run directory itself; start the new run in another "
+                          f"run_dir=... (to continue that run, drop init_from and rerun its own command)")
     return cfg
 
 
-def save_json(cfg: TrainConfig, path: Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+# Model fields a run started with init_from may set differently from its parent: they change how the same
+# parameters are computed with (or regularised), not what they are. Every other field comes from the parent.
+INHERIT_MAY_CHANGE = ("name", "scan_layers", "remat", "attention_impl", "dtype", "embd_pdrop", "attn_pdrop",
+                      "resid_pdrop")
+
+
+def split_init_from(spec: str) -> tuple[str, int | None]:
+    """'RUN_DIR' or 'RUN_DIR@STEP' -> (RUN_DIR, STEP or None)."""
+    run, sep, step = spec.rpartition("@")
+    if not sep or not step.isdigit():
+        return spec, None
+    return run, int(step)
+
+
+def stored_train_config(d: dict) -> TrainConfig:
+    """A TrainConfig from a run's config.json or a checkpoint's config (records such as 'lineage' set aside)."""
+    return validate(from_dict(TrainConfig, {k: v for k, v in d.items() if k not in RECORD_KEYS}))
+
+
+RECORD_KEYS = ("lineage",)  # written beside the resolved config, not settings
+
+
+def adopt_parent_model(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """The model of a run started with init_from is its parent's; model.* overrides may change only the fields
+    in INHERIT_MAY_CHANGE, and any other is refused naming it (it would change the parameters' shapes or what
+    they mean)."""
+    run, _ = split_init_from(cfg.init_from)
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"init_from={cfg.init_from}: {run} holds no config.json; point init_from at a run "
+                          f"directory written by train.py or convert.py from-hf")
+    try:
+        parent = stored_train_config(json.loads(path.read_text())).model
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"init_from={cfg.init_from}: {path} is not valid JSON ({e})") from None
+    model_overrides = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
+    child = apply_overrides(dataclasses.replace(cfg, model=parent), model_overrides)
+    changed = [f.name for f in dataclasses.fields(ModelConfig)
+               if f.name not in INHERIT_MAY_CHANGE and getattr(child.model, f.name) != getattr(parent, f.name)]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"model.{k}={getattr(child.model, k)!r} cannot be used with init_from={cfg.init_from}: the "
+                          f"parent has model.{k}={getattr(parent, k)!r} and its parameters fix it; drop that override "
+                          f"(with init_from only {', '.join('model.' + n for n in INHERIT_MAY_CHANGE)} may change)")
+    return child
+
+
+def save_json(cfg, path: Path, **records) -> None:
+    """The resolved config as JSON, with record-only entries beside it (e.g. lineage=[...])."""
+    Path(path).write_text(json.dumps({**to_dict(cfg), **records}, indent=2) + "\n")
 
 
 def load_json(path: Path) -> TrainConfig:
-    return validate(from_dict(TrainConfig, json.loads(Path(path).read_text())))
+    return stored_train_config(json.loads(Path(path).read_text()))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -72,7 +72,7 @@ def detect_cluster(env: Mapping[str, str], on_tpu_vm: bool) -> str | None:
     return None
 
 
-def plan(args, env: Mapping[str, str] | None = None, *, on_tpu_vm: bool | None = None) -> dict | None:
+def process_plan(args, env: Mapping[str, str] | None = None, *, on_tpu_vm: bool | None = None) -> dict | None:
     """Keyword arguments for `jax.distributed.initialize` ({} = let JAX detect everything), or None for a
     single process. Pure: reads only `args` and `env`, so the rules are testable without starting anything."""
     env = os.environ if env is None else env
@@ -119,7 +119,7 @@ def plan(args, env: Mapping[str, str] | None = None, *, on_tpu_vm: bool | None =
 def initialize(args) -> None:
     """Start JAX's distributed runtime if this process is one of several (see the module docstring);
     a plain single-process run returns at once. Call before anything touches the JAX backend."""
-    kwargs = plan(args)
+    kwargs = process_plan(args)
     if kwargs is None or jax.distributed.is_initialized():
         return
     # CPU processes exchange data through a collectives library: gloo, built into jaxlib and already the

@@ -33,6 +33,7 @@ import numpy as np
 
 from gptjax.attention import attention
 from gptjax.config import ModelConfig
+from gptjax.errors import GenerationError
 from gptjax.model import Params, block, embed, forward, unembed, vocab_mask
 
 CHUNK = 32  # decode steps per compiled call; Python checks stop strings between calls
@@ -215,10 +216,10 @@ def _decode(cfg: ModelConfig, params: Params, cache: tuple, tok_B, pos_B, count_
 def _check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]]) -> None:
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; start it with the end-of-text token to generate from nothing")
+            raise GenerationError(f"prompt {i} is empty; start it with the end-of-text token to generate from nothing")
         bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary of {cfg.vocab_size}; "
+            raise GenerationError(f"prompt {i} holds token id {bad[0]} outside the vocabulary of {cfg.vocab_size}; "
                              f"encode it with the run's own tokenizer")
 
 

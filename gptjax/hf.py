@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from gptjax.config import ModelConfig
+from gptjax.errors import ConversionError
 
 # GPT-2's tanh-approximate GELU under its Hugging Face names; our MLP computes exactly this one.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
@@ -36,8 +37,6 @@ RUN_FILES = ("config.json", "data.json", "metrics.jsonl", "summary.json", "hf.js
 EXPORT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json")
 
 
-class ConversionError(ValueError):
-    """A checkpoint cannot be converted as asked; the message says why and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +359,7 @@ def _tokenizer_source(src: Path, explicit: bool):
         for f in files:
             shutil.copyfile(f, staged / f.name)
         tok = load_tokenizer(staged)
-        if files[0].name == "tokenizer.model" and tok.sp.id_to_piece(tok.eot_id) != EOT:
+        if files[0].name == "tokenizer.model" and tok.token_id(EOT) != tok.eot_id:
             raise ConversionError(f"{src / 'tokenizer.model'} is not a gptjax tokenizer (it has no {EOT} piece); "
                                   f"pass --tokenizer DIR with GPT-2's tokenizer.json or vocab.json + merges.txt")
     finally:
@@ -417,12 +416,13 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None 
 
     from gptjax import config as config_lib
     from gptjax.checkpoint import open_step
-    from gptjax.data import DataError, load_tokenizer
+    from gptjax.data import load_tokenizer
+    from gptjax.errors import DataError
     from gptjax.model import abstract_params
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpts, step, stored = open_step(run_dir, step, log=log)
-    cfg = config_lib.from_dict(config_lib.TrainConfig, stored).model
+    cfg = config_lib.stored_train_config(stored).model
     hf_config(cfg)  # refuse a non-GPT-2 architecture before reading any weights
 
     dev = jax.devices()[0]

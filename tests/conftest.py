@@ -108,9 +108,9 @@ def train_cfg(tiny_overrides):
 @pytest.fixture(scope="session")
 def trainer1(train_cfg, mesh1):
     """`train_cfg` compiled for one device, shared by every test that needs the reference numbers."""
-    from gptjax import train_lib
+    from gptjax.train import steps as train_steps
 
-    return train_lib.make_trainer(train_cfg, mesh1)
+    return train_steps.make_train_steps(train_cfg, mesh1)
 
 
 @pytest.fixture(scope="session")

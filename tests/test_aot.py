@@ -9,8 +9,8 @@ import logging
 
 import jax
 import pytest
-
 from conftest import run_script
+
 from gptjax import aot, attention, config
 
 # The smallest model splash attention can tile (T a multiple of 128), dense and banded layers, scanned.

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import read_losses, run_script
+
 from gptjax import attention as att
 from gptjax import config, sharding
 from gptjax.config import MeshConfig

@@ -10,8 +10,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import VOCAB
+
 from gptjax import data
 from gptjax.config import DataConfig
 from gptjax.data import DataError

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_script
 from lm_eval.api.instance import Instance
 
-from conftest import run_script
-from gptjax import harness
+from gptjax.eval import harness
 from gptjax.model import forward, vocab_mask
 
 CONTEXTS = [
@@ -46,12 +46,13 @@ def offline():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_overrides, prepared):
     """A tiny model trained for 4 steps (in this process, on the 8 simulated devices)."""
-    from gptjax import config, trainer
+    from gptjax import config
+    from gptjax.train.pretrain import pretrain
 
     d = tmp_path_factory.mktemp("harness") / "run"
     cfg = config.resolve("tiny", tiny_overrides + [f"run_dir={d}", "steps=4", "checkpoint.every=4",
                                                    "eval_batches=1"])
-    trainer.run(cfg, log=lambda *_, **__: None)
+    pretrain(cfg, log=lambda *_, **__: None)
     return d
 
 
@@ -322,7 +323,7 @@ def test_command_line(run_dir, task_dir, tmp_path, capsys):
     assert "gptjax-tests/no-such-dataset" in line and "docs/harness.md" in line
 
     # as a module, mistakes are one line and exit code 2
-    proc = run_script("-m", "gptjax.harness", "--run", run_dir, "--tasks", "no_such_task", "--include-path",
+    proc = run_script("-m", "gptjax.eval.harness", "--run", run_dir, "--tasks", "no_such_task", "--include-path",
                       task_dir, "--only-include-path")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: unknown task(s) no_such_task" in proc.stderr

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import run_script
 from safetensors.numpy import load_file, save_file
 
 from gptjax import config as config_lib
@@ -22,8 +23,6 @@ from gptjax import hf, model
 from gptjax.checkpoint import CheckpointError, Checkpoints
 from gptjax.data import EOT, BPETokenizer, DataError, TiktokenTokenizer, load_tokenizer
 from gptjax.hf import ConversionError
-
-from conftest import run_script
 
 transformers.logging.set_verbosity_error()
 V = 500  # not a multiple of 128, so the imported embedding is padded
@@ -371,6 +370,33 @@ def test_non_empty_targets_need_force_and_imported_weights_do_not_resume(hf_dir,
     with pytest.raises(CheckpointError, match="imported weights without optimizer state"):
         ckpts.restore({"params": target, "step": None, "opt_state": None})
     ckpts.close()
-    from gptjax import trainer
+    from gptjax.train.pretrain import pretrain
     with pytest.raises(CheckpointError, match="imported weights without optimizer state.*new run_dir"):
-        trainer.run(dataclasses.replace(cfg, run_dir=str(run)), log=lambda *_: None)
+        pretrain(dataclasses.replace(cfg, run_dir=str(run)), log=lambda *_: None)
+
+
+def test_imported_gpt2_continues_pretraining_in_its_own_tokenizer(hf_dir, tok_dir, tmp_path, corpus_dir):
+    from gptjax.train.pretrain import pretrain
+
+    parent, child = tmp_path / "gpt2", tmp_path / "continued"
+    hf.convert_from_hf(hf_dir[0], parent, tokenizer_dir=tok_dir / "json", log=lambda _: None)
+    cfg = config_lib.resolve("tiny", [
+        f"init_from={parent}", f"run_dir={child}", "data.source=text", f"data.paths={corpus_dir}/*.py",
+        f"data.cache_dir={tmp_path / 'cache'}", "steps=8", "batch_size=8", "optim.lr=3e-3", "optim.warmup_steps=2",
+        "sample_tokens=0", "checkpoint.every=8"])
+    assert cfg.model == config_lib.load_json(parent / "config.json").model  # the parent's model, not tiny's
+    summary = pretrain(cfg, log=lambda *_: None)
+    recs = [json.loads(line) for line in (child / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["step"] == 0 and "loss" not in recs[0]
+    assert summary["val_loss"] < recs[0]["val_loss"] - 0.1, (recs[0], summary["val_loss"])
+    # the corpus was tokenized with the parent's GPT-2 BPE, not a SentencePiece model trained on it
+    assert (child / "tokenizer.json").read_bytes() == (parent / "tokenizer.json").read_bytes()
+    assert not (child / "tokenizer.model").exists()
+    data_dir = Path(json.loads((child / "data.json").read_text())["data_dir"])
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    assert manifest["tokenizer"]["trained_here"] is False and manifest["tokenizer"]["files"] == ["tokenizer.json"]
+    from gptjax.data import TokenData
+
+    head = load_tokenizer(parent).decode(TokenData(data_dir).shards["train"][0][:200])
+    assert len(head) > 200 and any(p.read_text().startswith(head) for p in corpus_dir.glob("*.py"))
+    assert json.loads((child / "config.json").read_text())["lineage"][0]["run_dir"] == str(parent.absolute())

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import config, flops, model, optim, train_lib
+from gptjax import config, flops, model, optim
 from gptjax.attention import attention, causal_mask
 from gptjax.config import ModelConfig
+from gptjax.train import steps as train_steps
 
 # (preset, parameters reported in the papers: GPT-1, GPT-2 table 2 as re-counted by HF, GPT-3 table 2.1)
 PAPER_PARAMS = [
@@ -214,7 +215,7 @@ def test_attention_backends_and_band_widths_agree_in_the_model():
 @functools.lru_cache(maxsize=None)
 def loss_and_grads(cfg: ModelConfig):
     toks = tokens(cfg, T=cfg.block_size + 1)
-    return jax.jit(jax.value_and_grad(lambda p, t: train_lib.loss_fn(cfg, p, t)))(params_for(cfg), toks)
+    return jax.jit(jax.value_and_grad(lambda p, t: train_steps.loss_fn(cfg, p, t)))(params_for(cfg), toks)
 
 
 REMAT_BASE = small(vocab_size=200, attention_pattern=("dense", "banded"), local_window=5)
@@ -349,14 +350,14 @@ def test_train_step_overfits_one_batch(train_cfg, trainer1, token_data):
     assert abs(losses[0] - math.log(cfg.model.vocab_size)) < 0.3
     assert losses[-1] < 1.0, losses[::10]
     # the eval step agrees: low loss on that batch
-    nats, count = trainer1.eval(state["params"], jnp.asarray(raw), jnp.ones(raw[:, 1:].shape, jnp.float32))
+    nats, count = trainer1.eval_step(state["params"], jnp.asarray(raw), jnp.ones(raw[:, 1:].shape, jnp.float32))
     assert int(count) == raw[:, 1:].size
     assert float(nats) / float(count) < 1.0
 
 
 def test_micro_batches_accumulate_to_the_full_batch(train_cfg, trainer1, token_data, mesh1):
     raw = token_data.batch(0, 3, 8, 32)
-    split = train_lib.make_trainer(dataclasses.replace(train_cfg, micro_batches=2), mesh1)
+    split = train_steps.make_train_steps(dataclasses.replace(train_cfg, micro_batches=2), mesh1)
     out = []
     for trainer, m in ((trainer1, 1), (split, 2)):
         batch = jax.device_put(raw.reshape(m, 8 // m, 33), trainer.batch_sharding)

@@ -15,11 +15,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, finished_steps, read_losses, run_script, subprocess_env
+
 from gptjax import config, distributed, sharding
 from gptjax.config import ConfigError
-from gptjax.trainer import batch_for_step
+from gptjax.train.pretrain import batch_for_step
 
 STEPS = 4
 MESH = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.rules=fsdp_tp"]  # fsdp spans the two processes
@@ -105,12 +105,12 @@ def test_checkpoint_of_two_processes_restores_and_evaluates(runs, tiny_overrides
     """Restored here in one process on 8 devices: the same parameters as the 1-process run's checkpoint,
     and the same held-out loss as the run reported."""
     from gptjax.checkpoint import Checkpoints
-    from gptjax.evaluate import heldout
-    from gptjax.train_lib import make_trainer
+    from gptjax.eval.scoring import heldout
+    from gptjax.train.steps import make_train_steps
 
     assert finished_steps(runs["two"]) == finished_steps(runs["one"]) == [2, 4]
     cfg = config.load_json(runs["two"] / "config.json")
-    trainer = make_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    trainer = make_train_steps(cfg, sharding.make_mesh(cfg.mesh))
     restored = {}
     for k in ("two", "one"):
         ck = Checkpoints(runs[k], read_only=True)
@@ -149,7 +149,7 @@ def flags(*argv: str) -> argparse.Namespace:
 
 
 def plan(*argv, env=None, tpu=False):
-    return distributed.plan(flags(*argv), env or {}, on_tpu_vm=tpu)
+    return distributed.process_plan(flags(*argv), env or {}, on_tpu_vm=tpu)
 
 
 def test_a_plain_run_starts_nothing():

@@ -14,8 +14,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import finished_steps, read_losses, run_script, start_script
+
 from gptjax.checkpoint import Checkpoints
 
 STEPS, EVERY = 40, 4

@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import REPO, run_script
+
 from gptjax import scaling
 from gptjax.scaling import SweepError
 
@@ -123,7 +123,7 @@ def test_shipped_sweeps_plan_within_their_promises(tmp_path):
     assert {"cpu-ladder", "gpu-ladder"} <= set(scaling.list_sweeps())
     for name in ("cpu-ladder", "gpu-ladder"):
         sw = scaling.load_sweep(name)
-        points, _ = scaling.plan(sw, tmp_path / name)
+        points, _ = scaling.plan_points(sw, tmp_path / name)
         fitted = [p for p in points if p.group != "predict"]
         (pred,) = [p for p in points if p.group == "predict"]
         ladder = [p for p in points if p.group == "ladder"]
@@ -137,7 +137,7 @@ def test_shipped_sweeps_plan_within_their_promises(tmp_path):
             assert p.cfg.run_dir == str(tmp_path / name / p.name)
             if p.budget:
                 assert 6 * p.n_non_embedding * p.tokens == pytest.approx(p.budget, rel=0.3)
-    cpu, _ = scaling.plan(scaling.load_sweep("cpu-ladder"), tmp_path)
+    cpu, _ = scaling.plan_points(scaling.load_sweep("cpu-ladder"), tmp_path)
     assert len({p.size for p in cpu if p.group == "ladder"}) >= 6
 
 
@@ -153,7 +153,7 @@ def test_sweep_config_errors_are_clear(tmp_path):
         scaling.load_sweep(str(bad))
     bad.write_text(json.dumps({"sizes": [{"n_layer": 3, "d_model": 64}], "overrides": ["model.n_layers=2"]}))
     with pytest.raises(SweepError, match="did you mean 'model.n_layer'"):
-        scaling.plan(scaling.load_sweep(str(bad)), tmp_path)
+        scaling.plan_points(scaling.load_sweep(str(bad)), tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gptjax import sharding, train_lib
+from gptjax import sharding
 from gptjax.checkpoint import Checkpoints
 from gptjax.config import ConfigError, MeshConfig
+from gptjax.train import steps as train_steps
 
 MESHES = {
     "dp": MeshConfig(data=8, fsdp=1, tensor=1, rules="dp"),
@@ -35,7 +36,7 @@ def trainers8(train_cfg):
         if rules not in cache:
             mcfg = MESHES[rules]
             cfg = dataclasses.replace(train_cfg, mesh=mcfg)
-            cache[rules] = train_lib.make_trainer(cfg, sharding.make_mesh(mcfg))
+            cache[rules] = train_steps.make_train_steps(cfg, sharding.make_mesh(mcfg))
         return cache[rules]
 
     return get

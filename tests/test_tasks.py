@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import tasks
-from gptjax.evaluate import Run, Scorer
+from gptjax import data
+from gptjax.eval import tasks
+from gptjax.eval.scoring import Run, Scorer
 from gptjax.model import forward, vocab_mask
 
 
@@ -159,7 +160,7 @@ def test_builtin_tasks_are_deterministic_and_well_formed(data_cfg):
         # the answer is recoverable from the context: it occurs in the lines before
         assert re.search(rf"\b{re.escape(d['target'])}\b", before) and len(d["target"]) >= 5
     # test items come from held-out files, few-shot examples from training files
-    val_docs, train_docs = tasks.split_documents(data_cfg)
+    train_docs, val_docs = data.split_documents(data_cfg)
     assert val_docs and train_docs and not set(val_docs) & set(train_docs)
     val = "\n".join(val_docs)
     assert all(d["context"] in val for d in cz.test + nl.test)
@@ -244,7 +245,7 @@ def test_task_metrics_follow_from_the_scores(run, tmp_path):
             {"context": "for i in", "choices": [" range(10):", " x"], "gold": 0}]
     t = tasks.Task("mc", "multiple_choice", rows, target_delimiter="")
     scorer = Scorer(run, batch_size=4, progress=False)
-    m = tasks.evaluate(t, scorer, tok)
+    m = tasks.score_task(t, scorer, tok)
     acc = acc_norm = 0
     for r in rows:
         lls = [by_hand(run, *tasks.encode_pair(tok, r["context"], c))[0] for c in r["choices"]]
@@ -254,14 +255,14 @@ def test_task_metrics_follow_from_the_scores(run, tmp_path):
     assert math.isclose(m["chance"], (1 / 3 + 1 / 2 + 1 / 2) / 3)
 
     cl = tasks.Task("cl", "cloze", [{"context": "x = 1\nprint(", "target": "x)"}], target_delimiter="")
-    m = tasks.evaluate(cl, scorer, tok)
+    m = tasks.score_task(cl, scorer, tok)
     ll, greedy = by_hand(run, *tasks.encode_pair(tok, "x = 1\nprint(", "x)"))
     assert m["acc"] == float(greedy) and math.isclose(m["ppl"], math.exp(-ll), rel_tol=1e-5)
 
     px = tasks.Task("px", "perplexity", [{"text": "def main():\n    pass\n"}])
-    m = tasks.evaluate(px, scorer, tok)
+    m = tasks.score_task(px, scorer, tok)
     ids = tok.encode("def main():\n    pass\n")
     nats = -scorer.rolling_loglikelihood(ids)
     assert math.isclose(m["token_perplexity"], math.exp(nats / len(ids)), rel_tol=1e-6)
     assert math.isclose(m["bits_per_byte"], nats / len(b"def main():\n    pass\n") / math.log(2), rel_tol=1e-6)
-    assert "acc" in tasks.table({"mc": {0: tasks.evaluate(t, scorer, tok)}})
+    assert "acc" in tasks.table({"mc": {0: tasks.score_task(t, scorer, tok)}})

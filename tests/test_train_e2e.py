@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import finished_steps, read_losses, run_script
+
 from gptjax import config
 
 

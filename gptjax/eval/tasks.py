@@ -37,14 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from gptjax.errors import TaskError
+
 KINDS = ("multiple_choice", "cloze", "perplexity")
 FORMATS = ("auto", "multiple_choice", "cloze", "perplexity", "hellaswag", "arc", "lambada")
 BUILTIN = ("code-nextline", "code-cloze")
 FEWSHOT_SEED = 1234
 
 
-class TaskError(ValueError):
-    """A task file or name cannot be used; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -270,24 +270,14 @@ def _cloze_items(docs: Sequence[str], n: int, rng: random.Random) -> list[dict]:
     return _take(spots, n, rng, item_at)
 
 
-def split_documents(data_cfg) -> tuple[list[str], list[str]]:
-    """(held-out, training) documents of a corpus, split exactly as data.prepare splits them."""
-    from gptjax import data as data_lib
-
-    val, train = [], []
-    for _, text in data_lib.iter_documents(data_cfg):
-        (val if data_lib.is_validation(text, data_cfg.val_fraction) else train).append(text)
-    if not val:  # data.prepare's rule for corpora too small to hold anything out
-        val, train = train[-1:], train[:-1]
-    return val, train
-
-
 def builtin(name: str, data_cfg, *, n: int = 500, n_train: int = 200, seed: int = 0) -> Task:
     """Generate built-in task `name` from the documents of `data_cfg` (a DataConfig): test items from the
     held-out documents, few-shot items from the training ones. Deterministic for a given corpus and seed."""
     if name not in BUILTIN:
         raise TaskError(f"unknown built-in task {name!r}; built-in tasks: {', '.join(BUILTIN)}")
-    val, train = split_documents(data_cfg)
+    from gptjax.data import split_documents
+
+    train, val = split_documents(data_cfg)
     make = _nextline_items if name == "code-nextline" else _cloze_items
     test = make(val, n, random.Random(f"{name}-test-{seed}"))
     shots = make(train, n_train, random.Random(f"{name}-train-{seed}"))
@@ -366,7 +356,7 @@ def _stderr(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def evaluate(task: Task, scorer, tokenizer, *, shots: int = 0, limit: int = 0, seed: int = FEWSHOT_SEED) -> dict:
+def score_task(task: Task, scorer, tokenizer, *, shots: int = 0, limit: int = 0, seed: int = FEWSHOT_SEED) -> dict:
     """Score `task` with a Scorer; returns its metrics (each with a standard error) and counts."""
     docs = range(min(limit, len(task.test)) if limit else len(task.test))
     before = scorer.truncated

@@ -13,11 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from gptjax.data import Tokenizer
 from gptjax.distributed import local_rows
+from gptjax.errors import DataError
 from gptjax.model import forward, vocab_mask
 
 
-def evaluate_windows(eval_fn: Callable, params, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+def mean_nats(eval_fn: Callable, params, batches: Iterable[tuple[np.ndarray, np.ndarray]],
                      batch_sharding, *, total: int | None = None, desc: str = "evaluating") -> dict:
     """Mean nats per predicted token over (tokens [B, T+1], weights [B, T]) batches."""
     nats, count = 0.0, 0.0
@@ -31,7 +33,7 @@ def evaluate_windows(eval_fn: Callable, params, batches: Iterable[tuple[np.ndarr
         nats += float(s)
         count += float(c)
     if count == 0:
-        raise ValueError("nothing to evaluate: the text is shorter than two tokens")
+        raise DataError("nothing to evaluate: the text is shorter than two tokens")
     loss = nats / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
 
@@ -56,7 +58,7 @@ def heldout(trainer, params, td, *, batch_size: int = 0, max_batches: int = 0) -
     if max_batches:
         batches = (b for _, b in zip(range(max_batches), batches))
         total = min(total, max_batches)
-    r = evaluate_windows(trainer.eval, params, batches, trainer.eval_batch_sharding, total=total)
+    r = mean_nats(trainer.eval_step, params, batches, trainer.eval_batch_sharding, total=total)
     r["bits_per_byte"] = bits_per_byte(r["loss"], td.tokens("val"), td.manifest["bytes"]["val"])
     return r
 
@@ -71,7 +73,7 @@ class Run:
     mesh: Any
     trainer: Any
     params: Any
-    tokenizer: Any  # .encode, .decode, .eot_id, .vocab_size
+    tokenizer: Tokenizer
     step: int
     run_dir: Path
 
@@ -86,17 +88,17 @@ def load_run(run_dir, step: int | None = None, overrides: Sequence[str] = ()) ->
     from gptjax import data as data_lib
     from gptjax.checkpoint import open_step
     from gptjax.sharding import make_mesh
-    from gptjax.train_lib import make_trainer
+    from gptjax.train.steps import make_train_steps
 
     ckpts, step, stored = open_step(run_dir, step)
-    stored = config_lib.from_dict(config_lib.TrainConfig, stored)
+    stored = config_lib.stored_train_config(stored)
     cfg = config_lib.apply_overrides(stored, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"] + list(overrides))
     mesh = make_mesh(cfg.mesh)
-    trainer = make_trainer(cfg, mesh)
+    trainer = make_train_steps(cfg, mesh)
     _, state = ckpts.restore(trainer.abstract_state(), step, params_only=True)
     tok = data_lib.load_tokenizer(run_dir)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise data_lib.DataError(f"the tokenizer in {run_dir} has {tok.vocab_size} tokens but the model only "
+        raise DataError(f"the tokenizer in {run_dir} has {tok.vocab_size} tokens but the model only "
                                  f"{cfg.model.vocab_size}; put the model's own tokenizer files in {run_dir}")
     return Run(cfg, mesh, trainer, state["params"], tok, step, Path(run_dir))
 

@@ -1,4 +1,4 @@
-"""Train state, loss, train_step and eval_step: pure and jit-able, no I/O.
+"""The language-modelling train state, loss, train step and eval step: pure and jit-able, no I/O.
 
 The state is a plain pytree {"step", "params", "opt_state"}. It is created straight into its shards
 (`create_state` jits the initialiser with out_shardings) and the step is jitted once with the state
@@ -16,7 +16,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import sharding
-from gptjax.config import ConfigError, TrainConfig
+from gptjax.config import TrainConfig
+from gptjax.errors import ConfigError
 from gptjax.model import Params, abstract_params, forward, init_params, logical_axes, vocab_mask
 from gptjax.optim import make_optimizer, schedule
 
@@ -42,7 +43,7 @@ def _dropout_on(cfg) -> bool:
 
 
 @dataclass
-class Trainer:
+class TrainSteps:
     """Everything jit-compiled for one config on one mesh."""
 
     cfg: TrainConfig
@@ -52,8 +53,9 @@ class Trainer:
     state_shardings: Any
     batch_sharding: NamedSharding
     init: Callable  # key -> state, placed in its shards
+    start_from: Callable  # params -> state at step 0 with a fresh optimizer (init_from), placed in its shards
     step: Callable  # (state, batch) -> (state, metrics), state donated
-    eval: Callable  # (params, tokens, weights) -> (sum of nats, number of tokens)
+    eval_step: Callable  # (params, tokens, weights) -> (sum of nats, number of tokens)
     eval_batch_sharding: NamedSharding
     all_finite: Callable  # params -> bool
 
@@ -72,7 +74,7 @@ def check_batch_fits_mesh(cfg: TrainConfig, mesh: Mesh) -> None:
                           f"the {shards} data x fsdp devices; change batch_size or the mesh")
 
 
-def make_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
+def make_train_steps(cfg: TrainConfig, mesh: Mesh) -> TrainSteps:
     m, rules = cfg.model, cfg.mesh.rules
     tx = make_optimizer(cfg.optim, cfg.steps)
     lr_schedule = schedule(cfg.optim, cfg.steps)
@@ -90,6 +92,9 @@ def make_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     init = jax.jit(init_fn, out_shardings=state_shardings)
+    start_from = jax.jit(lambda params: {"step": jnp.zeros((), jnp.int32), "params": params,
+                                         "opt_state": tx.init(params)},
+                         in_shardings=(param_shardings,), out_shardings=state_shardings)
 
     batch_shard = sharding.batch_sharding(mesh, rules, ndim=3, leading=1)  # [micro_batches, B/M, T+1]
     base_key = jax.random.key(cfg.seed)
@@ -137,5 +142,5 @@ def make_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
 
     all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])),
                          out_shardings=replicated)
-    return Trainer(cfg, mesh, tx, lr_schedule, state_shardings, batch_shard, init, step, evaluate, eval_batch_shard,
+    return TrainSteps(cfg, mesh, tx, lr_schedule, state_shardings, batch_shard, init, start_from, step, evaluate, eval_batch_shard,
                    all_finite)

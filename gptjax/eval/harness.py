@@ -1,11 +1,11 @@
 """EleutherAI's lm-evaluation-harness driving a gptjax checkpoint (the optional `harness` extra).
 
-  python -m gptjax.harness --run runs/tiny --tasks lambada_openai,hellaswag --limit 500
-  python -m gptjax.harness --run runs/tiny --tasks my_task --include-path my_tasks/ --output results.json
+  python -m gptjax.eval.harness --run runs/tiny --tasks lambada_openai,hellaswag --limit 500
+  python -m gptjax.eval.harness --run runs/tiny --tasks my_task --include-path my_tasks/ --output results.json
 
 From Python, importing this module registers the model name "gptjax" with lm-eval:
 
-  import lm_eval, gptjax.harness
+  import lm_eval, gptjax.eval.harness
   lm_eval.simple_evaluate(model="gptjax", model_args="run_dir=runs/tiny,batch_size=16", tasks=["hellaswag"])
 
 The three request types map onto gptjax's own scorer and sampler:
@@ -28,25 +28,23 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from gptjax.errors import HarnessError
+
 INSTALL_HINT = 'pip install -e ".[harness]"'
 
 try:
     from lm_eval.api.model import LM as _LM
     from lm_eval.api.registry import register_model as _register_model
     _MISSING: ImportError | None = None
-except ImportError as e:  # the extra is optional: importing gptjax.harness must not fail without it
+except ImportError as e:  # the extra is optional: importing gptjax.eval.harness must not fail without it
     _LM, _register_model, _MISSING = object, None, e
 
 log = logging.getLogger(__name__)
 
 
-class HarnessError(RuntimeError):
-    pass
-
-
 def require_lm_eval() -> None:
     if _MISSING is not None:
-        raise HarnessError(f"gptjax.harness needs EleutherAI's lm-evaluation-harness ({_MISSING}); "
+        raise HarnessError(f"gptjax.eval.harness needs EleutherAI's lm-evaluation-harness ({_MISSING}); "
                            f"install it with {INSTALL_HINT}")
 
 
@@ -75,7 +73,7 @@ class GptjaxLM(_LM):
         # lm-eval bootstraps some standard errors (perplexity, ...) in a forked process pool; forking a process
         # whose JAX runtime has started threads can deadlock, so ask it for its one-process loop instead.
         os.environ.setdefault("DISABLE_MULTIPROC", "1")
-        from gptjax.evaluate import Scorer, load_run
+        from gptjax.eval.scoring import Scorer, load_run
 
         if isinstance(overrides, str):
             overrides = overrides.split()
@@ -118,7 +116,7 @@ class GptjaxLM(_LM):
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's context/continuation split (tasks.encode_pair)."""
-        from gptjax.tasks import encode_pair
+        from gptjax.eval.tasks import encode_pair
 
         return encode_pair(self.tok, context, continuation)
 
@@ -244,7 +242,7 @@ def _batch_size(value) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gptjax.harness", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m gptjax.eval.harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a run directory written by train.py")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
@@ -266,20 +264,18 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. mesh.tensor=2")
     args = p.parse_args(argv)
 
-    from gptjax import config as config_lib
-    from gptjax.checkpoint import CheckpointError
-    from gptjax.data import DataError
+    from gptjax.errors import run_command
 
+    return run_command(_main, args)
+
+
+def _main(args) -> int:
     try:
-        results = evaluate(args)
-    except (HarnessError, config_lib.ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        results = run_harness(args)
     except ConnectionError as e:  # what `datasets` raises for a Hub dataset it cannot reach
-        print(f"error: {e}. lm-eval fetches task data from the Hugging Face Hub and caches it: run once with "
-              f"a network connection, or point the task at a local copy (docs/harness.md, 'Offline')",
-              file=sys.stderr)
-        return 2
+        raise HarnessError(f"{e}. lm-eval fetches task data from the Hugging Face Hub and caches it: run once with "
+                           f"a network connection, or point the task at a local copy (docs/harness.md, 'Offline')"
+                           ) from None
     if results is None:  # lm-eval answers None on ranks other than 0
         return 0
     from lm_eval.utils import handle_non_serializable, make_table
@@ -296,7 +292,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def evaluate(args) -> dict | None:
+def run_harness(args) -> dict | None:
     require_lm_eval()
     import lm_eval
     from lm_eval.tasks import TaskManager

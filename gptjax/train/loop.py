@@ -1,0 +1,232 @@
+"""The one training loop. Every stage (pretraining, and the fine-tuning and RLHF stages to come) hands it a
+`Stage`: a jitted step function, a batch source that is a pure function of the step number (and the seed it
+closes over), and what to evaluate and when. The loop owns everything with side effects: the progress bar,
+metrics.jsonl, SIGTERM and its multi-process agreement, the non-finite guard, checkpoint cadence and exact
+resume. `RunDirLock` keeps a second live job out of a run directory.
+
+Order of work per step: dispatch step N, then fetch step N-1's metrics (so the host never waits on the
+device in the steady state), then decide whether to evaluate, save or stop after step N.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from gptjax.checkpoint import Checkpoints
+from gptjax.errors import NonFiniteLoss, Preempted, RunDirBusy
+
+State = dict[str, Any]
+FIRST_KEYS = ("loss", "lr", "grad_norm")  # metrics.jsonl's leading fields, in this order
+
+
+@dataclass
+class Stage:
+    """What a stage hands the loop. Everything here is pure or jitted; the loop does the I/O."""
+
+    steps: int  # train until this step
+    step_fn: Callable[[State, Any], tuple[State, dict]]  # (state, batch) -> (state, metrics); state donated
+    batch: Callable[[int], Any]  # step -> the global batch of that step: a pure function of (seed, step)
+    all_finite: Callable[[Any], Any]  # params -> bool (array); guards every save
+    tokens_per_step: int
+    log_every: int = 10  # also how often several processes compare their preemption flags
+    checkpoint_every: int = 200
+    eval_every: int = 0  # 0: no evaluation inside the loop
+    evaluate: Callable[[State], tuple[dict, str]] | None = None  # state -> (metrics record, one line to print)
+    mfu: Callable[[float], float | None] = lambda tokens_per_s: None
+    config: dict = field(default_factory=dict)  # stored with every checkpoint
+
+
+@dataclass
+class LoopResult:
+    state: State
+    start: int  # the step the loop started (or resumed) from
+    train_seconds: float
+    tokens_per_s: list[float]  # per logged interval, compilation excluded
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl, appended to; process 0 alone writes. A line torn by a kill is closed first."""
+
+    def __init__(self, path: Path, main: bool):
+        torn = main and path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        self.f = open(path, "a") if main else open(os.devnull, "w")
+        if torn:
+            self.f.write("\n")
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class RunDirLock:
+    """An exclusive lock on RUN_DIR/.lock for as long as a job trains into it. A second job is refused before
+    it touches anything (it would otherwise sweep the first one's in-progress save as half-written). The
+    kernel drops the lock when the holder dies, even by SIGKILL, so a killed run resumes without cleanup.
+    Where the file system cannot lock, the run goes on unguarded."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            os.close(self.fd)
+            self.fd = None
+            raise RunDirBusy(f"{run_dir} is in use by another training job ({holder}); wait for it to finish, "
+                             f"stop it, or train into another run_dir=...") from None
+        except OSError:
+            pass
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+
+    def _holder(self) -> str:
+        try:
+            h = json.loads(self.path.read_text())
+            return f"pid {h['pid']} on {h['host']}, since {h['since']}"
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _Preemption:
+    """SIGTERM sets a flag; with several processes, all agree on when to stop (the save is collective) although
+    each gets its own signal, possibly steps apart: they compare flags every log_every steps."""
+
+    def __init__(self, log_every: int):
+        self.signal, self.log_every, self.old = None, log_every, None
+        try:
+            self.old = signal.signal(signal.SIGTERM, self._on)
+        except ValueError:  # not the main thread (e.g. called from a worker): no preemption hook
+            pass
+
+    def _on(self, signum, frame):
+        self.signal = signum
+
+    def now(self, done: int) -> bool:
+        if jax.process_count() == 1:
+            return bool(self.signal)
+        if done % self.log_every:
+            return False
+        return bool(multihost_utils.process_allgather(np.int32(self.signal is not None)).any())
+
+    def restore(self) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+def run(stage: Stage, ckpts: Checkpoints, metrics: MetricsLog, *, fresh_state: Callable[[], State],
+        abstract_state: Callable[[], State], on_fresh_start: Callable[[State], None] | None = None,
+        main: bool = True, log: Callable[[str], None] = print) -> LoopResult:
+    """Resume from the latest complete checkpoint (or start from `fresh_state()`), then train to stage.steps.
+
+    Raises NonFiniteLoss (nothing non-finite is ever saved; the last good checkpoint is named) and Preempted
+    (after saving the step it stopped at)."""
+    t_start = time.time()
+    if ckpts.latest_step() is not None:
+        start, state = ckpts.restore(abstract_state())
+        log(f"resuming from checkpoint at step {start}")
+    else:
+        start, state = 0, fresh_state()
+        if on_fresh_start is not None:
+            on_fresh_start(state)
+
+    preemption = _Preemption(stage.log_every)
+    bar = tqdm(total=stage.steps, initial=start, desc="training", unit="step", dynamic_ncols=True, disable=not main)
+    pending = None  # (step, metrics on device): fetched after the next step is dispatched
+    last = {"time": time.time(), "step": start}
+    last_good = ckpts.latest_step()
+    rates: list[float] = []
+
+    def record(item) -> dict:
+        step, metrics_dev = item
+        m = {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
+        if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m):
+            bar.close()
+            where = f"the last good checkpoint (step {last_good}) in {ckpts.dir} is intact" if last_good is not None \
+                else "no checkpoint had been saved yet"
+            raise NonFiniteLoss(f"loss became {m.get('loss')} (grad norm {m.get('grad_norm')}) at step {step}; "
+                                f"stopping. {where}. Lower optim.lr or raise optim.warmup_steps and resume.")
+        now = time.time()
+        steps_done = step - last["step"]
+        tps = steps_done * stage.tokens_per_step / max(now - last["time"], 1e-9) if steps_done else 0.0
+        last.update(time=now, step=step)
+        util = stage.mfu(tps)
+        rec = {"step": step, **{k: m[k] for k in FIRST_KEYS if k in m},
+               **{k: m[k] for k in sorted(m) if k not in FIRST_KEYS},
+               "tokens_per_s": tps, "mfu": util, "time": now - t_start}
+        metrics.write(rec)
+        if step - steps_done > start:  # the first interval includes compilation
+            rates.append(tps)
+        shown = {k: f"{m[k]:.3f}" if k == "loss" else f"{m[k]:.2e}" for k in ("loss", "lr") if k in m}
+        bar.set_postfix(**shown, tok_s=f"{tps:,.0f}", mfu="n/a" if util is None else f"{util:.1%}", refresh=False)
+        return rec
+
+    def save(step: int, *, force: bool = False):
+        nonlocal last_good
+        if not bool(stage.all_finite(state["params"])):
+            raise NonFiniteLoss(f"parameters became non-finite by step {step}; not saving them. The last good "
+                                f"checkpoint (step {last_good}) in {ckpts.dir} is intact. Lower optim.lr and resume.")
+        if ckpts.save(step, state, stage.config, force=force):
+            last_good = step
+
+    t_loop = time.time()
+    try:
+        for step in range(start, stage.steps):
+            state, metrics_dev = stage.step_fn(state, stage.batch(step))
+            done = step + 1
+            if pending is not None:
+                record(pending)
+            pending = (done, metrics_dev)
+            bar.update(1)
+            is_ckpt = done % stage.checkpoint_every == 0 or done == stage.steps
+            is_eval = bool(stage.eval_every and stage.evaluate and done % stage.eval_every == 0 and done != stage.steps)
+            stopping = preemption.now(done)
+            if is_ckpt or stopping or is_eval:
+                rec = record(pending)  # checked finite before anything is saved
+                pending = None
+                if is_eval:
+                    ev, line = stage.evaluate(state)
+                    metrics.write({"step": done, **ev})
+                    if main:
+                        bar.write(f"step {done}: train loss {rec['loss']:.4f}, {line}")
+                    last["time"] = time.time()  # don't count evaluation in tokens/s
+                if is_ckpt or stopping:
+                    save(done, force=stopping)
+                if stopping:
+                    ckpts.wait()
+                    bar.close()
+                    raise Preempted(f"received signal {preemption.signal or 'SIGTERM (on another process)'}: saved a "
+                                    f"checkpoint at step {done} in {ckpts.dir}; rerun the same command to resume")
+        if pending is not None:
+            record(pending)
+        bar.close()
+        ckpts.wait()
+    finally:
+        bar.close()
+        ckpts.wait()  # never exit with a good checkpoint half-written
+        preemption.restore()
+    return LoopResult(state, start, time.time() - t_loop, rates)
