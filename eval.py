@@ -7,6 +7,9 @@ any text file; samples.
   python eval.py runs/tiny --step 200 --text some_file.py
   python eval.py runs/tiny --prompt "def main(" --prompt "import " --temperature 0.8 --top-p 0.95 --stop "\\n\\n"
 
+A run written by finetune.py is scored on its task instead (its validation split, or --tasks FILE,... of the same
+task), with its best checkpoint unless --step is given.
+
 Tasks: code-nextline and code-cloze are built in (generated from the built-in corpus's held-out split);
 a JSONL file in one of the documented formats, FORMAT:FILE, or a task spec .json (docs/evaluation.md).
 
@@ -90,7 +93,24 @@ def token_cache(run) -> Path | None:
     return data_dir if same else None
 
 
+def eval_finetuned(args) -> dict:
+    """A fine-tuned run: its task's metrics on its own validation split, or on the --tasks files (same task)."""
+    from gptjax.finetune.evaluate import evaluate_run
+
+    files = [s.strip() for s in (args.tasks or "").split(",") if s.strip()]
+    r = evaluate_run(args.run_dir, step=args.step, val_files=files)
+    print(f"{r['task']} @ step {r['step']} ({r['checkpoint']}):")
+    for split, m in r["metrics_by_split"].items():
+        shown = ", ".join(f"{k} {m[k]:.4f} ± {m[k + '_stderr']:.4f}" for k in m if f"{k}_stderr" in m)
+        print(f"  {split}: {shown} (n={m['n']})")
+    return r
+
+
 def run_eval(args, shots: list[int]) -> dict:
+    from gptjax.finetune.evaluate import is_finetuned
+
+    if is_finetuned(args.run_dir):
+        return eval_finetuned(args)
     import numpy as np
 
     from gptjax import data as data_lib

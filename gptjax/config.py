@@ -83,7 +83,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    decay: str = "cosine"  # after warmup: "cosine" (GPT-2/3 pretraining) or "linear" (GPT-1 fine-tuning)
     warmup_steps: int = 100
     b1: float = 0.9
     b2: float = 0.95
@@ -320,6 +321,7 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     need(cfg.data.source == "stdlib" or cfg.data.paths,
          f"data.source={cfg.data.source} needs files: add data.paths='corpus/*.txt'")
     need(0.0 < cfg.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
+    need(cfg.optim.decay in ("cosine", "linear"), f"optim.decay must be 'cosine' or 'linear', got '{cfg.optim.decay}'")
     need(cfg.mesh.rules in RULE_SETS, f"mesh.rules must be one of {RULE_SETS}, got '{cfg.mesh.rules}'")
     need(cfg.steps > 0, "steps must be positive")
     need(cfg.micro_batches > 0 and cfg.batch_size % cfg.micro_batches == 0,

@@ -94,4 +94,4 @@ def run_command(fn, *args, **kwargs) -> int:
     except FileNotFoundError as e:
         print(f"error: no such file: {e.filename or e}", file=sys.stderr)
         return 2
-    return 0 if out is None else int(out)
+    return out if isinstance(out, int) else 0

@@ -1,4 +1,4 @@
-"""AdamW with linear warmup then cosine decay, global-norm clipping, and decay on matrices only."""
+"""AdamW with linear warmup then cosine (or linear) decay, global-norm clipping, and decay on matrices only."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ DECAYED = ("kernel", "embedding")
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if cfg.decay == "linear":  # GPT-1's fine-tuning schedule: linear warmup, then linear decay
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup),
+                                     optax.linear_schedule(cfg.lr, cfg.lr * cfg.min_lr_ratio,
+                                                           max(total_steps - warmup, 1))], [warmup])
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)

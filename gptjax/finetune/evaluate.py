@@ -1,0 +1,56 @@
+"""Evaluating a fine-tuned run (what `python eval.py FT_RUN` calls): its best (or a given) checkpoint on its own
+validation split, or on other validation files of the same task, scored with the label vocabulary saved with it.
+Everything comes from the run directory itself (config.json, finetune.json, its copy of the tokenizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from gptjax import config as config_lib
+from gptjax.checkpoint import Checkpoints
+from gptjax.data import load_tokenizer
+from gptjax.errors import CheckpointError
+from gptjax.finetune import stage as ft
+from gptjax.finetune.config import FinetuneConfig
+
+
+def is_finetuned(run_dir) -> bool:
+    return (Path(run_dir) / "finetune.json").is_file()
+
+
+def evaluate_run(run_dir, *, step: int | None = None, val_files=(), devices=None, log=print) -> dict:
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "finetune.json").read_text())
+    stored = json.loads((run_dir / "config.json").read_text())
+    cfg = config_lib.from_dict(FinetuneConfig, {k: v for k, v in stored.items() if k not in ("lineage", "stage")})
+    parent_model = config_lib.from_dict(config_lib.ModelConfig, info["parent_model"])
+    data_cfg = config_lib.from_dict(config_lib.DataConfig, info["data"])
+    tok = load_tokenizer(run_dir)
+    sub = "best" if step is None and (run_dir / "best" / "checkpoints").is_dir() else "."
+    ckpts = Checkpoints(run_dir / sub, read_only=True, log=log)
+    steps = ckpts.all_steps()
+    if not steps:
+        raise CheckpointError(f"{run_dir} holds no complete fine-tuning checkpoint; run finetune.py first")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {ckpts.dir}; available: {steps}")
+    results, params = {}, None
+    for val in list(val_files) or [None]:
+        c = dataclasses.replace(cfg, val=str(val)) if val else cfg
+        p = ft.prepare_with(c, None, tok, parent_model, data_cfg, devices=devices,
+                            labels=() if info["regression"] else (tuple(info["labels"]) or None))
+        compiled = ft.compile_stage(p, 1)
+        if params is None:
+            shapes, shardings = ft.param_shardings(p.mcfg, p.task.num_outputs, p.mesh, c.mesh.rules)
+            target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+            _, state = ckpts.restore({"params": target}, step, params_only=True)
+            params = state["params"]
+        name = str(val) if val else f"{p.task.name} (validation split)"
+        results[name] = ft.evaluate(p, compiled, params)
+    ckpts.close()
+    return {"run_dir": str(run_dir), "step": step, "checkpoint": "best" if sub == "best" else "checkpoints",
+            "task": info["task"], "metrics_by_split": results, "metrics": next(iter(results.values()))}

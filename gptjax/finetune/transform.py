@@ -1,0 +1,116 @@
+"""GPT-1's input transformations (Radford et al. 2018, Figure 1): every task becomes token sequences with a
+start token, a delimiter between segments and an extract token whose final state the head reads.
+
+  classification   [start; text; extract]                                   1 row
+  entailment       [start; premise; delim; hypothesis; extract]             1 row
+  similarity       [start; a; delim; b; extract] and [start; b; delim; a; extract]   2 rows, states summed
+  multiple choice  [start; context question; delim; answer_k; extract]      1 row per choice
+
+The three control tokens are the tokenizer's reserved task tokens (`<|task0|>`, `<|task1|>`, `<|task2|>` in
+gptjax's SentencePiece models). A tokenizer without them (GPT-2's BPE) gets three new ids just past its
+vocabulary: new embedding rows, which with the padded vocabulary usually already exist as unused padding.
+
+Truncation to the context cuts the longest segment that may be cut, one token at a time, and never the
+hypothesis, the question or an answer (`protected`): a context loses its beginning (its end is nearest to
+what follows), any other segment its end. An input whose protected parts alone do not fit is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptjax.errors import TaskError
+from gptjax.finetune.task import Example, FinetuneTask
+
+TASK_TOKENS = ("<|task0|>", "<|task1|>", "<|task2|>")  # start, delimiter, extract
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    start: int
+    delim: int
+    extract: int
+    pad: int
+    added: int  # how many of the three are new ids past the tokenizer's vocabulary
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    ids = [tokenizer.token_id(t) for t in TASK_TOKENS]
+    if all(i is not None for i in ids):
+        return SpecialIds(*ids, pad=tokenizer.pad_id, added=0)
+    base = tokenizer.vocab_size
+    return SpecialIds(base, base + 1, base + 2, pad=tokenizer.pad_id, added=3)
+
+
+def _fit(segs: list[list[int]], protected: list[bool], budget: int, where: str) -> list[list[int]]:
+    segs = [list(s) for s in segs]
+    fixed = sum(len(s) for s, p in zip(segs, protected) if p)
+    if fixed > budget:
+        raise TaskError(f"{where} does not fit the {budget}-token budget even with its other segments cut "
+                        f"({fixed} tokens in its hypothesis / question / answer); shorten it or raise max_len")
+    while sum(map(len, segs)) > budget:
+        i = max((j for j in range(len(segs)) if not protected[j]), key=lambda j: len(segs[j]))
+        excess = sum(map(len, segs)) - budget
+        cut = min(excess, len(segs[i]))
+        segs[i] = segs[i][cut:] if i == 0 else segs[i][:-cut]
+    return segs
+
+
+def example_rows(task: FinetuneTask, ex: Example, tok, ids: SpecialIds, max_len: int, where: str = "an example"
+                 ) -> list[list[int]]:
+    """The token rows of one example (each ending with the extract token), each at most max_len long."""
+    enc = tok.encode
+    if task.kind == "classification":
+        (text,) = _fit([enc(ex.segments[0])], [False], max_len - 2, where)
+        return [[ids.start] + text + [ids.extract]]
+    if task.kind == "entailment":
+        p, h = _fit([enc(ex.segments[0]), enc(ex.segments[1])], [False, True], max_len - 3, where)
+        return [[ids.start] + p + [ids.delim] + h + [ids.extract]]
+    if task.kind == "similarity":
+        a, b = _fit([enc(ex.segments[0]), enc(ex.segments[1])], [False, False], max_len - 3, where)
+        return [[ids.start] + a + [ids.delim] + b + [ids.extract], [ids.start] + b + [ids.delim] + a + [ids.extract]]
+    # multiple choice: the context and the question share the row before the delimiter
+    context = enc(ex.segments[0])
+    question = enc(ex.segments[1]) if len(ex.segments) > 1 and ex.segments[1] else []
+    rows = []
+    for choice in ex.choices:
+        c, q, a = _fit([context, question, enc(choice)], [False, True, True], max_len - 3, where)
+        rows.append([ids.start] + c + q + [ids.delim] + a + [ids.extract])
+    return rows
+
+
+@dataclass
+class Encoded:
+    """A task's examples as padded arrays: tokens [N, R, T], extract positions [N, R], row mask [N, R],
+    labels [N] (int32 class / choice, or float32 score)."""
+
+    tokens: np.ndarray
+    extract: np.ndarray
+    rows: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(task: FinetuneTask, examples: list[Example], tok, ids: SpecialIds, max_len: int,
+           length: int | None = None, split: str = "train") -> Encoded:
+    """Encode `examples`; rows are right-padded to `length` (default: the longest row, rounded up to 16)."""
+    per = [example_rows(task, ex, tok, ids, max_len, where=f"{task.name} {split} item {i}")
+           for i, ex in enumerate(examples)]
+    R = max(len(r) for r in per)
+    T = length or min(max_len, -(-max(len(row) for r in per for row in r) // 16) * 16)
+    tokens = np.full((len(per), R, T), ids.pad, np.int32)
+    extract = np.zeros((len(per), R), np.int32)
+    rows = np.zeros((len(per), R), np.float32)
+    for i, r in enumerate(per):
+        for j, row in enumerate(r):
+            row = row[-T:]  # only when `length` is shorter than this split's rows: keep the extract token
+            tokens[i, j, :len(row)] = row
+            extract[i, j] = len(row) - 1
+            rows[i, j] = 1.0
+    dtype = np.float32 if task.regression else np.int32
+    labels = np.asarray([ex.label for ex in examples], dtype)
+    return Encoded(tokens, extract, rows, labels)

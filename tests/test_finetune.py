@@ -1,0 +1,253 @@
+"""GPT-1 fine-tuning: the head reads only the extract position, similarity is symmetric, multiple choice does not
+care about the order of its choices, λ = 0 is the task loss alone and the LM term is the pretraining loss; a
+fine-tuning run on 8 devices equals one on 1 device, a killed run resumes exactly, the command line works end
+to end (and eval.py reads the result), and bad input is one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import finished_steps, read_losses, run_script, start_script
+from gptjax.finetune import stage as ft
+from gptjax.finetune import transform
+from gptjax.finetune.config import resolve
+from gptjax.finetune.task import Example, FinetuneTask
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory, tiny_overrides, prepared) -> Path:
+    from gptjax import config
+    from gptjax.train.pretrain import pretrain
+
+    run = tmp_path_factory.mktemp("ft-parent") / "run"
+    pretrain(config.resolve("tiny", tiny_overrides + ["steps=6", f"run_dir={run}"]), log=lambda *_: None)
+    return run
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory, corpus_dir) -> tuple[Path, Path]:
+    """An SST-2-shaped file made here: does a line of code mention `self`?"""
+    lines = [ln.strip() for p in sorted(corpus_dir.glob("*.py"))[:6] for ln in p.read_text().splitlines()
+             if 12 < len(ln.strip()) < 60]
+    random.Random(0).shuffle(lines)
+    recs = [{"sentence": ln, "label": int("self" in ln)} for ln in lines[:360]]
+    d = tmp_path_factory.mktemp("ft-task")
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:280]))
+    (d / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[280:]))
+    return d / "train.jsonl", d / "dev.jsonl"
+
+
+def ft_args(parent: Path, files, run_dir: Path, *extra) -> list[str]:
+    return [str(parent), "--task", str(files[0]), "--val", str(files[1]), "--run-dir", str(run_dir),
+            f"steps={STEPS}", "batch_size=8", "eval_batch_size=8", "optim.lr=1e-3", "checkpoint.every=4",
+            "log_every=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def prep(parent, task_files):
+    cfg = resolve([f"init_from={parent}", f"task={task_files[0]}", f"val={task_files[1]}", "run_dir=/nonexistent"])
+    return ft.prepare(cfg, devices=jax.devices()[:1], log=lambda *_: None)
+
+
+def _params(p, kind="classification", outputs=2):
+    task = dataclasses.replace(p.task, kind=kind, labels=("a", "b") if outputs == 2 else ())
+    shapes, _ = ft.param_shardings(p.mcfg, outputs, p.mesh, "fsdp")
+    return ft.starting_params(p.cfg, p.parent, p.mcfg, task, p.mesh, lambda *_: None)
+
+
+def test_head_sees_only_the_extract_position(prep):
+    params = _params(prep)
+    mcfg = prep.mcfg
+    tokens = jnp.asarray(np.random.default_rng(0).integers(5, 400, (1, 1, 24)), jnp.int32)
+    ext = 10
+    extract, rows = jnp.asarray([[ext]]), jnp.ones((1, 1))
+
+    def logit(offset):
+        out, _ = ft.task_outputs(mcfg, "classification", params, tokens, extract, rows, offset_NTD=offset)
+        return out[0, 1] - out[0, 0]
+
+    g = jax.grad(logit)(jnp.zeros((1, 24, mcfg.d_model)))
+    assert np.all(np.asarray(g[0, ext + 1:]) == 0.0)  # exactly zero after the extract token
+    assert np.abs(np.asarray(g[0, :ext + 1])).sum() > 0
+    changed = tokens.at[0, 0, ext + 1:].set(7)
+    a = ft.task_outputs(mcfg, "classification", params, tokens, extract, rows)[0]
+    b = ft.task_outputs(mcfg, "classification", params, changed, extract, rows)[0]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_similarity_is_symmetric_in_its_two_inputs(prep):
+    params = _params(prep, "similarity")
+    task = FinetuneTask("s", "similarity", [], [], labels=("no", "yes"))
+    tok = prep.parent.tokenizer
+    ab = transform.encode(task, [Example(("def f(x):", "return x + 1"), 0)], tok, prep.ids, 32, length=32)
+    ba = transform.encode(task, [Example(("return x + 1", "def f(x):"), 0)], tok, prep.ids, 32, length=32)
+    out = [np.asarray(ft.task_outputs(prep.mcfg, "similarity", params, jnp.asarray(e.tokens), jnp.asarray(e.extract),
+                                      jnp.asarray(e.rows))[0]) for e in (ab, ba)]
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(ab.tokens[0, 0], ba.tokens[0, 0])  # the rows did differ
+
+
+def test_multiple_choice_is_invariant_to_the_order_of_the_choices(prep):
+    params = _params(prep, "multiple_choice", outputs=1)
+    task = FinetuneTask("m", "multiple_choice", [], [])
+    tok = prep.parent.tokenizer
+    choices = ("return 1", "pass", "raise KeyError", "yield x")
+    perm = (2, 0, 3, 1)
+    a = transform.encode(task, [Example(("def f():", ""), 0, choices)], tok, prep.ids, 32, length=32)
+    b = transform.encode(task, [Example(("def f():", ""), 1, tuple(choices[i] for i in perm))], tok, prep.ids, 32,
+                         length=32)
+    la, lb = (np.asarray(ft.task_outputs(prep.mcfg, "multiple_choice", params, jnp.asarray(e.tokens),
+                                         jnp.asarray(e.extract), jnp.asarray(e.rows))[0][0]) for e in (a, b))
+    np.testing.assert_allclose(lb, la[list(perm)], rtol=1e-6, atol=1e-6)
+    # and so is the loss of the gold choice (index 0 in a, 1 in b)
+    loss = [float(ft.task_loss("multiple_choice", False, jnp.asarray(x)[None], jnp.asarray([g]))) for x, g in
+            ((la, 0), (lb, 1))]
+    assert loss[0] == pytest.approx(loss[1], abs=1e-6)
+
+
+def test_lambda_zero_is_the_task_loss_and_the_lm_term_is_the_pretraining_loss(prep):
+    from gptjax.train.steps import token_nats
+
+    params = _params(prep)
+    enc = prep.train
+    batch = [jnp.asarray(a[:4]) for a in (enc.tokens, enc.extract, enc.rows, enc.labels)]
+    out, h = ft.task_outputs(prep.mcfg, "classification", params, *batch[:3])
+    l1 = float(ft.lm_loss(prep.mcfg, params, h, *batch[:3]))
+    # the same tokens through the pretraining loss: each row up to its extract token
+    nats = []
+    for i in range(4):
+        row = enc.tokens[i, 0, :enc.extract[i, 0] + 1]
+        nats += list(np.asarray(token_nats(prep.mcfg, params, jnp.asarray(row)[None]))[0])
+    assert l1 == pytest.approx(float(np.mean(nats)), rel=1e-5)
+    l2 = float(ft.task_loss("classification", False, out, batch[3]))
+    cfg0 = dataclasses.replace(prep.cfg, lm_coef=0.0, clf_pdrop=0.0, dropout=0.0)
+    p0 = dataclasses.replace(prep, cfg=cfg0, mcfg=dataclasses.replace(prep.mcfg, embd_pdrop=0.0, attn_pdrop=0.0,
+                                                                      resid_pdrop=0.0))
+    c = ft.compile_stage(p0, 10)
+    state = c.init_state(params)
+    _, m = c.step(state, tuple(batch))
+    assert float(m["loss"]) == pytest.approx(l2, rel=1e-5) and float(m["task_loss"]) == pytest.approx(l2, rel=1e-5)
+    assert float(m["lm_loss"]) == pytest.approx(l1, rel=1e-5)
+
+
+def test_truncation_keeps_the_protected_segment_and_refuses_what_cannot_fit(prep):
+    from gptjax.errors import TaskError
+
+    tok, ids = prep.parent.tokenizer, prep.ids
+    task = FinetuneTask("e", "entailment", [], [], labels=("a", "b"))
+    long_premise = "x = 1\n" * 200
+    (row,) = transform.example_rows(task, Example((long_premise, "y = 2"), 0), tok, ids, 32)
+    h = tok.encode("y = 2")
+    assert len(row) == 32 and row[-1] == ids.extract and row[-2 - len(h):-1] == [ids.delim] + h
+    with pytest.raises(TaskError, match="does not fit"):
+        transform.example_rows(task, Example(("a", "z = 3\n" * 100), 0), tok, ids, 32)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step_and_walk_epochs():
+    a = ft.batch_indices(0, 5, 8, 20)
+    np.testing.assert_array_equal(a, ft.batch_indices(0, 5, 8, 20))
+    epoch0 = np.concatenate([ft.batch_indices(0, s, 4, 20) for s in range(5)])
+    assert sorted(epoch0) == list(range(20))  # every example once per epoch
+
+
+def test_eight_devices_equal_one_device(parent, task_files, tmp_path):
+    out = {}
+    for n in (1, 8):
+        cfg = resolve([f"init_from={parent}", f"task={task_files[0]}", f"val={task_files[1]}",
+                       f"run_dir={tmp_path / str(n)}", "steps=4", "batch_size=8", "eval_batch_size=8",
+                       "optim.lr=1e-3", "mesh.fsdp=-1"])
+        ft.finetune(cfg, devices=jax.devices()[:n], log=lambda *_: None)
+        out[n] = read_losses(tmp_path / str(n))
+    assert sorted(out[1]) == [1, 2, 3, 4]
+    for s in out[1]:
+        assert out[8][s] == pytest.approx(out[1][s], rel=2e-5), s
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, parent, task_files):
+    """Run A uninterrupted through finetune.py; run B the same, killed by SIGKILL after its first checkpoint and
+    rerun."""
+    from test_resume import wait_for_checkpoint
+
+    root = tmp_path_factory.mktemp("ft-cli")
+    a, b = root / "a", root / "b"
+    proc_a = start_script("finetune.py", *ft_args(parent, task_files, a), stdout=subprocess.PIPE)
+    proc_b = start_script("finetune.py", *ft_args(parent, task_files, b))
+    try:
+        wait_for_checkpoint(proc_b, b)
+        proc_b.send_signal(signal.SIGKILL)
+        proc_b.wait(30)
+        out_a, _ = proc_a.communicate(timeout=300)
+    finally:
+        for p in (proc_a, proc_b):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert proc_a.returncode == 0, out_a[-4000:]
+    assert not (b / "summary.json").exists() and max(finished_steps(b)) < STEPS
+    resumed = run_script("finetune.py", *ft_args(parent, task_files, b), timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return {"a": a, "b": b, "out_a": out_a, "resumed": resumed}
+
+
+def test_killed_finetuning_run_resumes_exactly(cli_runs):
+    a, b = cli_runs["a"], cli_runs["b"]
+    assert "resuming from checkpoint at step" in cli_runs["resumed"].stdout
+    assert read_losses(a) == read_losses(b) and sorted(read_losses(a)) == list(range(1, STEPS + 1))
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["val_acc"] == sb["val_acc"] and sa["best"] == sb["best"]
+
+
+def test_finetune_command_writes_a_run_that_eval_reads(cli_runs, parent, task_files):
+    a = cli_runs["a"]
+    out = cli_runs["out_a"]
+    assert "fine-tuning train (classification)" in out and "baseline (majority class" in out
+    summary = json.loads((a / "summary.json").read_text())
+    info = json.loads((a / "finetune.json").read_text())
+    assert info["labels"] == ["0", "1"] and info["kind"] == "classification"
+    best = json.loads((a / "best.json").read_text())
+    assert best == summary["best"] and best["metric"] == "acc" and (a / "best" / "checkpoints").is_dir()
+    assert json.loads((a / "config.json").read_text())["lineage"][0]["run_dir"] == str(parent.absolute())
+    # the task loss falls
+    recs = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    task_losses = [r["task_loss"] for r in recs if "task_loss" in r]
+    assert np.mean(task_losses[-4:]) < np.mean(task_losses[:4])
+    proc = run_script("eval.py", a, "--json", a / "eval.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads((a / "eval.json").read_text())
+    assert got["step"] == best["step"] and got["metrics"]["acc"] == pytest.approx(best["value"], abs=1e-9)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--fields", "text=nope"], "nope"),
+    (["max_len=3"], "max_len must be 0"),
+    (["lm_coef=-1"], "lm_coef"),
+    (["epochz=2"], "unknown key 'epochz'; did you mean 'epochs'"),
+])
+def test_bad_finetune_input_is_one_line(parent, task_files, tmp_path, extra, fragment):
+    proc = run_script("finetune.py", *ft_args(parent, task_files, tmp_path / "r"), *extra)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert fragment in line
+
+
+def test_a_label_outside_the_saved_vocabulary_is_refused(cli_runs, parent, task_files, tmp_path):
+    bad = tmp_path / "dev.jsonl"
+    bad.write_text(json.dumps({"sentence": "x = 1", "label": 7}) + "\n")
+    proc = run_script("eval.py", cli_runs["a"], "--tasks", bad)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "7" in line and "vocabulary" in line
