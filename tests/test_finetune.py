@@ -251,3 +251,38 @@ def test_a_label_outside_the_saved_vocabulary_is_refused(cli_runs, parent, task_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "7" in line and "vocabulary" in line
+
+
+def test_zero_shot_thresholds_recover_a_separable_order():
+    from gptjax.finetune.zeroshot import _fit_thresholds
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = np.asarray([2.0, 0.0, 1.0])[y] + 0.1 * rng.standard_normal(300)  # label 1 lowest, then 2, then 0
+    order, cuts = _fit_thresholds(x, y, 3)
+    assert order == (1, 2, 0) and len(cuts) == 2
+    pred = np.asarray(order)[np.searchsorted(cuts, x)]
+    assert (pred == y).mean() > 0.99
+
+
+def test_zero_shot_multiple_choice_picks_the_highest_mean_log_probability(parent):
+    from gptjax.eval.scoring import Scorer, load_run
+    from gptjax.eval.tasks import encode_pair
+    from gptjax.finetune.zeroshot import zero_shot
+
+    run = load_run(parent)
+    scorer = Scorer(run, batch_size=8, progress=False)
+    tok = run.tokenizer
+    items = [Example(("def add(a, b):", ""), 0, ("    return a + b", "    raise KeyError(name)", "    pass")),
+             Example(("class Point:", ""), 2, ("    yield x", "  )]", "    def __init__(self, x, y):"))]
+    task = FinetuneTask("mc", "multiple_choice", items, items)
+    got = zero_shot(task, scorer, tok)
+    want = []
+    for e in items:
+        means = []
+        for c in e.choices:
+            ctx, cont = encode_pair(tok, e.segments[0] + "\n", c)
+            means.append(scorer.loglikelihood([(ctx, cont)])[0][0] / len(cont))
+        want.append(int(np.argmax(means)))
+    assert got["acc"] == pytest.approx(np.mean([w == e.label for w, e in zip(want, items)]))
+    assert got["n"] == 2

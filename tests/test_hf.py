@@ -400,3 +400,34 @@ def test_imported_gpt2_continues_pretraining_in_its_own_tokenizer(hf_dir, tok_di
     head = load_tokenizer(parent).decode(TokenData(data_dir).shards["train"][0][:200])
     assert len(head) > 200 and any(p.read_text().startswith(head) for p in corpus_dir.glob("*.py"))
     assert json.loads((child / "config.json").read_text())["lineage"][0]["run_dir"] == str(parent.absolute())
+
+
+def test_imported_gpt2_fine_tunes_with_new_task_token_rows(hf_dir, tok_dir, tmp_path):
+    from gptjax.checkpoint import Checkpoints
+    from gptjax.finetune.config import resolve
+    from gptjax.finetune.stage import finetune, init_task_head
+
+    parent, child = tmp_path / "gpt2", tmp_path / "ft"
+    hf.convert_from_hf(hf_dir[0], parent, tokenizer_dir=tok_dir / "json", log=lambda _: None)
+    lines = [ln.strip() for ln in (Path(json.__file__).parent / "decoder.py").read_text().splitlines()
+             if len(ln.strip()) > 8]
+    recs = [{"sentence": ln, "label": int("(" in ln)} for ln in lines[:120]]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = resolve([f"init_from={parent}", f"task={tmp_path / 't.jsonl'}", f"run_dir={child}", "steps=6",
+                   "batch_size=8", "eval_batch_size=8", "optim.lr=1e-3"])
+    summary = finetune(cfg, devices=jax.devices()[:1], log=lambda *_: None)
+    info = json.loads((child / "finetune.json").read_text())
+    # GPT-2's BPE has no task tokens: three new ids just past the model's vocabulary, as new embedding rows
+    assert info["special_ids"]["added"] == 3 and info["special_ids"]["start"] == V
+    assert info["model"]["vocab_size"] == V + 3
+    assert summary["step"] == 6 and np.isfinite(summary["val_acc"])
+    mcfg = config_lib.from_dict(config_lib.ModelConfig, info["model"])
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = dict(model.abstract_params(mcfg))
+    target["head"] = jax.eval_shape(lambda: init_task_head(mcfg, 2, jax.random.key(0)))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), target)
+    ck = Checkpoints(child / "best", read_only=True, log=lambda _: None)
+    params = ck.restore({"params": target}, ck.latest_step(), params_only=True)[1]["params"]
+    ck.close()
+    wte = np.asarray(params["wte"]["embedding"])
+    assert wte.shape[0] == mcfg.padded_vocab and np.abs(wte[V:V + 3]).sum() > 0  # initialised, then trained

@@ -100,7 +100,8 @@ def predictions(regression: bool, out) -> jax.Array:
 
 
 def child_model(parent_model, ids: transform.SpecialIds, dropout_rate: float):
-    m = dataclasses.replace(parent_model, vocab_size=parent_model.vocab_size + ids.added,
+    vocab = max(parent_model.vocab_size, ids.extract + 1) if ids.added else parent_model.vocab_size
+    m = dataclasses.replace(parent_model, vocab_size=vocab,
                             embd_pdrop=dropout_rate, attn_pdrop=dropout_rate, resid_pdrop=dropout_rate)
     return config_lib.validate_train(dataclasses.replace(config_lib.TrainConfig(), model=m)).model
 
@@ -194,7 +195,7 @@ def prepare(cfg: FinetuneConfig, *, devices=None, labels=None, log=print) -> Pre
 def prepare_with(cfg: FinetuneConfig, parent, tok, parent_model, data_cfg, *, devices=None, labels=None) -> Prepared:
     """`prepare` from explicit pieces: evaluation takes them from the fine-tuned run itself."""
     task = load_task(cfg, data_cfg, labels)
-    ids = transform.special_ids(tok)
+    ids = transform.special_ids(tok, parent_model.vocab_size)
     mcfg = child_model(parent_model, ids, cfg.dropout)
     max_len = min(cfg.max_len or mcfg.block_size, mcfg.block_size)
     train = transform.encode(task, task.train, tok, ids, max_len, split="train")

@@ -36,11 +36,13 @@ class SpecialIds:
     added: int  # how many of the three are new ids past the tokenizer's vocabulary
 
 
-def special_ids(tokenizer) -> SpecialIds:
+def special_ids(tokenizer, vocab_size: int) -> SpecialIds:
+    """The start, delimiter and extract ids: the tokenizer's reserved task tokens, or three new ids just past both
+    the tokenizer's and the model's vocabulary (`vocab_size`)."""
     ids = [tokenizer.token_id(t) for t in TASK_TOKENS]
     if all(i is not None for i in ids):
         return SpecialIds(*ids, pad=tokenizer.pad_id, added=0)
-    base = tokenizer.vocab_size
+    base = max(tokenizer.vocab_size, vocab_size)
     return SpecialIds(base, base + 1, base + 2, pad=tokenizer.pad_id, added=3)
 
 
