@@ -367,6 +367,9 @@ def resolve(preset: str = "tiny", overrides: list[str] | None = None) -> TrainCo
     cfg = apply_overrides(load_preset(preset), overrides)
     if cfg.init_from:
         cfg = adopt_parent_model(cfg, overrides)
+    if cfg.init_from and not cfg.run_dir:
+        raise ConfigError(f"init_from={cfg.init_from} starts a new run: give it its own run_dir=... (the default, "
+                          f"runs/{cfg.preset}, may hold another run)")
     if not cfg.run_dir:
         cfg = dataclasses.replace(cfg, run_dir=str(Path("runs") / cfg.preset))
     if cfg.init_from and Path(cfg.run_dir).absolute() == Path(split_init_from(cfg.init_from)[0]).absolute():
@@ -394,22 +397,33 @@ def stored_train_config(d: dict) -> TrainConfig:
     return validate(from_dict(TrainConfig, {k: v for k, v in d.items() if k not in RECORD_KEYS}))
 
 
-RECORD_KEYS = ("lineage",)  # written beside the resolved config, not settings
+RECORD_KEYS = ("lineage", "stage")  # written beside the resolved config, not settings
+
+
+def read_config(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what}: {path} is not valid JSON ({e}); restore it from a checkpoint's config") from None
 
 
 def adopt_parent_model(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """The model of a run started with init_from is its parent's; model.* overrides may change only the fields
     in INHERIT_MAY_CHANGE, and any other is refused naming it (it would change the parameters' shapes or what
-    they mean)."""
+    they mean). A child being resumed reads its own record of the model, so the parent may have moved."""
     run, _ = split_init_from(cfg.init_from)
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"init_from={cfg.init_from}: {run} holds no config.json; point init_from at a run "
-                          f"directory written by train.py or convert.py from-hf")
-    try:
-        parent = stored_train_config(json.loads(path.read_text())).model
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"init_from={cfg.init_from}: {path} is not valid JSON ({e})") from None
+    own = Path(cfg.run_dir) / "config.json" if cfg.run_dir else None
+    stored = read_config(own, f"run_dir={cfg.run_dir}") if own is not None and own.is_file() else {}
+    if stored.get("init_from") != cfg.init_from or stored.get("stage", "pretrain") != "pretrain":
+        path = Path(run) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"init_from={cfg.init_from}: {run} holds no config.json; point init_from at a run "
+                              f"directory written by train.py or convert.py from-hf")
+        stored = read_config(path, f"init_from={cfg.init_from}")
+        if stored.get("stage", "pretrain") != "pretrain":
+            raise ConfigError(f"init_from={cfg.init_from} is a {stored['stage']} run (with a task head); pretraining "
+                              f"continues from a language model: point init_from at a pretraining run")
+    parent = stored_train_config(stored).model
     model_overrides = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
     child = apply_overrides(dataclasses.replace(cfg, model=parent), model_overrides)
     changed = [f.name for f in dataclasses.fields(ModelConfig)
@@ -423,8 +437,12 @@ def adopt_parent_model(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 
 def save_json(cfg, path: Path, **records) -> None:
-    """The resolved config as JSON, with record-only entries beside it (e.g. lineage=[...])."""
-    Path(path).write_text(json.dumps({**to_dict(cfg), **records}, indent=2) + "\n")
+    """The resolved config as JSON, with record-only entries beside it (e.g. lineage=[...]). Written whole and
+    renamed into place, so another process never reads half of it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**to_dict(cfg), **records}, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def load_json(path: Path) -> TrainConfig:

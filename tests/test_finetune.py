@@ -64,7 +64,7 @@ def prep(parent, task_files):
 def _params(p, kind="classification", outputs=2):
     task = dataclasses.replace(p.task, kind=kind, labels=("a", "b") if outputs == 2 else ())
     shapes, _ = ft.param_shardings(p.mcfg, outputs, p.mesh, "fsdp")
-    return ft.starting_params(p.cfg, p.parent, p.mcfg, task, p.mesh, lambda *_: None)
+    return ft.starting_params(p.cfg, p.parent, p.mcfg, task, p.mesh, lambda *_: None)[0]
 
 
 def test_head_sees_only_the_extract_position(prep):
@@ -286,3 +286,27 @@ def test_zero_shot_multiple_choice_picks_the_highest_mean_log_probability(parent
         want.append(int(np.argmax(means)))
     assert got["acc"] == pytest.approx(np.mean([w == e.label for w, e in zip(want, items)]))
     assert got["n"] == 2
+
+
+def test_finetune_refuses_run_dirs_it_would_damage(cli_runs, parent, task_files, tmp_path):
+    def line(*args):
+        proc = run_script("finetune.py", *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        (x,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        return x
+
+    before = {p: p.read_bytes() for p in parent.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert "is the pretrained run itself" in line(*ft_args(parent, task_files, parent))
+    other = tmp_path / "pretrained-copy"
+    import shutil
+
+    shutil.copytree(parent, other)
+    assert "not a fine-tuning run" in line(*ft_args(parent, task_files, other))
+    assert not (other / "finetune.json").exists()
+    assert {p: p.read_bytes() for p in parent.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    # resuming a fine-tuning run with another identity setting
+    a = cli_runs["a"]
+    assert "with lm_coef=0.5, not 0.0" in line(*ft_args(parent, task_files, a), "lm_coef=0")
+    # a fine-tuned run is not a language model to continue pretraining from
+    proc = run_script("train.py", f"init_from={a}", f"run_dir={tmp_path / 'c'}", "steps=2")
+    assert proc.returncode == 2 and "finetune run" in proc.stderr and "Traceback" not in proc.stderr

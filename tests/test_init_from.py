@@ -200,3 +200,21 @@ def test_run_dir_lock_is_exclusive_and_released(tmp_path):
         RunDirLock(tmp_path / "run")
     lock.release()
     RunDirLock(tmp_path / "run").release()  # free again
+
+
+def test_init_from_needs_its_own_run_dir_and_a_child_resumes_after_its_parent_moved(parent, children, tmp_path,
+                                                                                    tiny_overrides):
+    with pytest.raises(ConfigError, match="give it its own run_dir"):
+        config_lib.resolve("tiny", [f"init_from={parent}"])
+    # the child needs nothing of its parent to resume: move the parent away and train two more steps
+    moved = tmp_path / "moved"
+    child = tmp_path / "child"
+    shutil.copytree(children["a"], child)
+    shutil.move(str(parent), str(moved))
+    try:
+        proc = run_script("train.py", *children["args"], f"run_dir={child}", f"steps={CHILD_STEPS + 2}")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert f"resuming from checkpoint at step {CHILD_STEPS}" in proc.stdout
+        assert max(read_losses(child)) == CHILD_STEPS + 2
+    finally:
+        shutil.move(str(moved), str(parent))

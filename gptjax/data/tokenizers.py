@@ -263,3 +263,19 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_path: Path, num_task_
         raise
     out_path.write_bytes(model.getvalue())
 
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt")
+
+
+def install(tok: Tokenizer, run_dir: Path) -> None:
+    """Copy `tok`'s files into a run directory, first removing any other tokenizer's files there (load_tokenizer
+    takes the first kind it finds, so a leftover of another kind would shadow this one)."""
+    run_dir = Path(run_dir)
+    names = {Path(f).name for f in tok.files}
+    for old in [run_dir / n for n in TOKENIZER_FILES] + sorted(run_dir.glob("*.tiktoken")):
+        if old.is_file() and old.name not in names:
+            old.unlink()
+    for f in tok.files:
+        if Path(f).absolute() != (run_dir / Path(f).name).absolute():
+            (run_dir / Path(f).name).write_bytes(Path(f).read_bytes())

@@ -9,7 +9,7 @@ From Python, importing this module registers the model name "gptjax" with lm-eva
   lm_eval.simple_evaluate(model="gptjax", model_args="run_dir=runs/tiny,batch_size=16", tasks=["hellaswag"])
 
 The three request types map onto gptjax's own scorer and sampler:
-  loglikelihood          -> evaluate.Scorer.loglikelihood on (context, continuation) token ids, split the way
+  loglikelihood          -> scoring.Scorer.loglikelihood on (context, continuation) token ids, split the way
                             lm-eval's Hugging Face model splits them
   loglikelihood_rolling  -> lm-eval's disjoint rolling windows of the model's context, all documents scored
                             in one batched pass

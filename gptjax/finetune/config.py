@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gptjax import config as config_lib
 from gptjax.config import CheckpointConfig, MeshConfig, OptimConfig
@@ -33,7 +34,7 @@ class FinetuneConfig:
     steps: int = 0  # 0: epochs over the training set
     batch_size: int = 32
     max_len: int = 0  # 0: the model's context; longer inputs are cut, longest segment first
-    warmup_fraction: float = 0.002
+    warmup_fraction: float = 0.002  # of the steps; optim.warmup_steps > 0 sets a number of steps instead
     eval_every: int = 0  # 0: at the end of every epoch
     eval_batch_size: int = 64
     seed: int = 0
@@ -42,7 +43,8 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6.25e-5, min_lr_ratio=0.0, warmup_steps=0,
                                                                     weight_decay=0.01, decay="linear"))
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100000, keep=1))
+    # every=0: a checkpoint at every evaluation (the end of each epoch unless eval_every says otherwise)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=0, keep=1))
 
 
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -61,6 +63,15 @@ def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     need(cfg.log_every > 0, "log_every must be positive")
     need(cfg.transfer_layers >= -1, "transfer_layers is -1 (all) or a number of layers >= 0")
     need(0 <= cfg.warmup_fraction < 1, "warmup_fraction must be in [0, 1)")
+    need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep > 0, "checkpoint.every must be >= 0 (0: at every "
+                                                                "evaluation) and checkpoint.keep positive")
+    need(cfg.mesh.rules in config_lib.RULE_SETS, f"mesh.rules must be one of {config_lib.RULE_SETS}, got '{cfg.mesh.rules}'")
+    need(cfg.optim.decay in ("cosine", "linear"), f"optim.decay must be 'cosine' or 'linear', got '{cfg.optim.decay}'")
+    need(cfg.optim.lr > 0, f"optim.lr must be positive, got {cfg.optim.lr}")
+    need(cfg.eval_every >= 0, "eval_every must be >= 0 (0: at the end of every epoch)")
+    run, _ = config_lib.split_init_from(cfg.init_from)
+    need(not cfg.run_dir or Path(cfg.run_dir).absolute() != Path(run).absolute(),
+         f"the run directory {cfg.run_dir} is the pretrained run itself; fine-tune into another --run-dir")
     need(cfg.max_len == 0 or cfg.max_len >= 8, f"max_len must be 0 (the model's context) or at least 8, got {cfg.max_len}")
     return cfg
 

@@ -26,11 +26,17 @@ def evaluate_run(run_dir, *, step: int | None = None, val_files=(), devices=None
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "finetune.json").read_text())
     stored = json.loads((run_dir / "config.json").read_text())
-    cfg = config_lib.from_dict(FinetuneConfig, {k: v for k, v in stored.items() if k not in ("lineage", "stage")})
+    cfg = config_lib.from_dict(FinetuneConfig, {k: v for k, v in stored.items() if k not in config_lib.RECORD_KEYS})
+    # this machine's devices, whatever the run trained on; batches rounded to a multiple of them
+    n = len(devices or jax.devices())
+    bs = -(-cfg.eval_batch_size // n) * n
+    cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(), batch_size=bs, eval_batch_size=bs)
     parent_model = config_lib.from_dict(config_lib.ModelConfig, info["parent_model"])
     data_cfg = config_lib.from_dict(config_lib.DataConfig, info["data"])
     tok = load_tokenizer(run_dir)
-    sub = "best" if step is None and (run_dir / "best" / "checkpoints").is_dir() else "."
+    best = run_dir / "best" / "checkpoints"
+    has_best = best.is_dir() and any(p.name.isdigit() for p in best.iterdir())
+    sub = "best" if step is None and has_best else "."
     ckpts = Checkpoints(run_dir / sub, read_only=True, log=log)
     steps = ckpts.all_steps()
     if not steps:

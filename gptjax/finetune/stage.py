@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gptjax import config as config_lib
 from gptjax import distributed, sharding
 from gptjax.checkpoint import Checkpoints
-from gptjax.errors import TaskError
+from gptjax.errors import CheckpointError, TaskError
 from gptjax.finetune import metrics as metrics_lib
 from gptjax.finetune import transform
 from gptjax.finetune.config import FinetuneConfig
@@ -114,8 +114,10 @@ def param_shardings(mcfg, num_outputs: int, mesh, rules: str):
     return shapes, sharding.tree_shardings(axes, shapes, mesh, rules)
 
 
-def starting_params(cfg: FinetuneConfig, parent: lineage_lib.Parent, mcfg, task: FinetuneTask, mesh, log) -> Params:
-    """The parameters a fine-tuning run starts from, placed straight into their shards."""
+def starting_params(cfg: FinetuneConfig, parent: lineage_lib.Parent, mcfg, task: FinetuneTask, mesh, log
+                    ) -> tuple[Params, str]:
+    """The parameters a fine-tuning run starts from, placed straight into their shards, and the fingerprint of the
+    parent's parameters they came from."""
     rules = cfg.mesh.rules
     shapes, shardings = param_shardings(mcfg, task.num_outputs, mesh, rules)
     key = jax.random.key(cfg.seed)
@@ -124,12 +126,13 @@ def starting_params(cfg: FinetuneConfig, parent: lineage_lib.Parent, mcfg, task:
     k = L if cfg.transfer_layers < 0 else min(cfg.transfer_layers, L)
     pcfg = parent.cfg.model
     if cfg.init == "random":
-        pretrained = None
+        pretrained, fp = None, "not loaded (init=random)"
     else:
         p_shapes = abstract_params(pcfg)
         p_shard = sharding.tree_shardings(logical_axes(pcfg), p_shapes, mesh, rules)
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), p_shapes, p_shard)
         pretrained = lineage_lib.restore_params(parent, target, log=log)
+        fp = lineage_lib.params_fingerprint(pretrained)
 
     def build(pretrained):
         fresh = init_params(mcfg, k_init)
@@ -152,7 +155,7 @@ def starting_params(cfg: FinetuneConfig, parent: lineage_lib.Parent, mcfg, task:
         out["head"] = init_task_head(mcfg, task.num_outputs, k_head)
         return out
 
-    return jax.jit(build, out_shardings=shardings)(pretrained)
+    return jax.jit(build, out_shardings=shardings)(pretrained), fp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def compile_stage(p: Prepared, steps: int) -> Compiled:
     cfg, mcfg, task, mesh = p.cfg, p.mcfg, p.task, p.mesh
     rules = cfg.mesh.rules
     shapes, param_sh = param_shardings(mcfg, task.num_outputs, mesh, rules)
-    warmup = int(round(cfg.warmup_fraction * steps))
+    warmup = cfg.optim.warmup_steps or int(round(cfg.warmup_fraction * steps))
     optim = dataclasses.replace(cfg.optim, warmup_steps=warmup)
     tx = make_optimizer(optim, steps)
     from gptjax.optim import schedule
@@ -286,8 +289,10 @@ def compile_stage(p: Prepared, steps: int) -> Compiled:
         with sharding.use_mesh(mesh, rules):
             return task_outputs(mcfg, task.kind, params, tokens, extract, rows)[0]
 
-    outputs = jax.jit(outputs_fn, in_shardings=(param_sh, batch_sh, vec_sh, vec_sh))
-    all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
+    # replicated outputs: every process reads all of them, and all take the same best-checkpoint decision
+    outputs = jax.jit(outputs_fn, in_shardings=(param_sh, batch_sh, vec_sh, vec_sh), out_shardings=replicated)
+    all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])),
+                         out_shardings=replicated)
     return Compiled(init_state, abstract_state, step, outputs, all_finite, (batch_sh, vec_sh, vec_sh, lab_sh), state_sh)
 
 
@@ -313,12 +318,13 @@ def evaluate(p: Prepared, c: Compiled, params) -> dict:
     return metrics_lib.score(p.task.metrics, preds, p.val.labels, num_classes=len(p.task.labels) or None)
 
 
-def finetune_info(p: Prepared) -> dict:
+def finetune_info(p: Prepared, parent_model: dict | None = None, data: dict | None = None) -> dict:
     t = p.task
     return {"task": t.name, "kind": t.kind, "labels": list(t.labels), "regression": t.regression,
             "metrics": list(t.metrics), "description": t.description, "special_ids": dataclasses.asdict(p.ids),
             "max_len": p.max_len, "model": config_lib.to_dict(p.mcfg), "n_train": len(p.train), "n_val": len(p.val),
-            "parent_model": config_lib.to_dict(p.parent.cfg.model), "data": config_lib.to_dict(p.parent.cfg.data)}
+            "parent_model": parent_model or config_lib.to_dict(p.parent.cfg.model),
+            "data": data or config_lib.to_dict(p.parent.cfg.data)}
 
 
 def finetune(cfg: FinetuneConfig, *, devices=None, log=print) -> dict:
@@ -336,34 +342,86 @@ def finetune(cfg: FinetuneConfig, *, devices=None, log=print) -> dict:
             lock.release()
 
 
+# Settings that make a fine-tuning run what it is: changing one on resume would train a different run.
+IDENTITY = ("init_from", "init", "transfer_layers", "task", "val", "kind", "fields", "n_train", "n_val", "max_len",
+            "seed", "batch_size", "epochs", "steps", "lm_coef")
+
+
+def check_run_dir(cfg: FinetuneConfig, run_dir: Path, log) -> bool:
+    """Whether `run_dir` holds this fine-tuning run to resume. Refuses, before anything is written, a directory
+    that holds another kind of run or this task with other settings."""
+    from gptjax.checkpoint import complete_steps
+
+    if not complete_steps(run_dir / "checkpoints"):
+        return False
+    path = run_dir / "config.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if stored.get("stage") != "finetune" or not (run_dir / "finetune.json").exists():
+        raise CheckpointError(f"{run_dir} holds checkpoints of a run that is not a fine-tuning run; fine-tune into "
+                              f"another --run-dir")
+    old = config_lib.to_dict(config_lib.from_dict(FinetuneConfig, {k: v for k, v in stored.items()
+                                                                   if k not in config_lib.RECORD_KEYS}))
+    new = config_lib.to_dict(cfg)
+    changed = [k for k in IDENTITY if old.get(k) != new.get(k)]
+    if changed:
+        k = changed[0]
+        raise CheckpointError(f"{run_dir} holds a fine-tuning run with {k}={old.get(k)!r}, not {new.get(k)!r}; "
+                              f"rerun it as it was, or fine-tune into another --run-dir")
+    other = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if k not in IDENTITY and k != "run_dir" and old[k] != new[k]]
+    if other:
+        log(f"note: resuming {run_dir} with changed settings: {'; '.join(other[:6])}")
+    return True
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> dict:
-    info_path = run_dir / "finetune.json"
-    saved = json.loads(info_path.read_text()) if info_path.exists() else None
-    labels = None if saved is None else () if saved["regression"] else (tuple(saved["labels"]) or None)
-    p = prepare(cfg, devices=devices, labels=labels, log=log)
-    if saved and saved["task"] != p.task.name:
-        raise TaskError(f"{run_dir} holds a fine-tuning run on task {saved['task']!r}, not {p.task.name!r}; "
-                        f"choose another run_dir=...")
+    import shutil
+
+    from gptjax.data import install, load_tokenizer
+
+    # every process reads the same files, before process 0 writes anything (the barrier below)
+    resuming = check_run_dir(cfg, run_dir, log)
+    info_path, best_path = run_dir / "finetune.json", run_dir / "best.json"
+    if resuming:  # everything from the run directory itself: the parent may have moved since
+        saved = json.loads(info_path.read_text())
+        labels = () if saved["regression"] else (tuple(saved["labels"]) or None)
+        parent_model = config_lib.from_dict(config_lib.ModelConfig, saved["parent_model"])
+        data_cfg = config_lib.from_dict(config_lib.DataConfig, saved["data"])
+        p = prepare_with(cfg, None, load_tokenizer(run_dir), parent_model, data_cfg, devices=devices, labels=labels)
+        run_lineage = lineage_lib.read_lineage(run_dir)
+        best = json.loads(best_path.read_text()) if best_path.exists() else None
+    else:
+        p = prepare(cfg, devices=devices, log=log)
+        best = None
     steps = total_steps(cfg, len(p.train))
     c = compile_stage(p, steps)
-    ckpts = Checkpoints(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, log=log)
-    resuming = ckpts.latest_step() is not None
-    run_lineage = lineage_lib.read_lineage(run_dir) if resuming else []
     start_params = None
     if not resuming:
-        start_params = starting_params(cfg, p.parent, p.mcfg, p.task, p.mesh, log)
-        run_lineage = lineage_lib.lineage(p.parent, lineage_lib.params_fingerprint(
-            {k: v for k, v in start_params.items() if k != "head"}) if cfg.init == "pretrained" else "random-init")
-    info = finetune_info(p)
+        start_params, parent_fp = starting_params(cfg, p.parent, p.mcfg, p.task, p.mesh, log)
+        run_lineage = lineage_lib.lineage(p.parent, parent_fp)
+    distributed.barrier("fine-tuning run directory read")
     if main:
+        if not resuming:  # a best/ left by an attempt killed before its first checkpoint belongs to nobody
+            shutil.rmtree(run_dir / "best", ignore_errors=True)
+            best_path.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         config_lib.save_json(cfg, run_dir / "config.json", lineage=run_lineage, stage="finetune")
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
-        for f in p.parent.tokenizer.files:
-            (run_dir / f.name).write_bytes(f.read_bytes())
+        _write_json(info_path, finetune_info(p, saved["parent_model"] if resuming else None,
+                                             saved["data"] if resuming else None))
+        if not resuming:
+            install(p.parent.tokenizer, run_dir)
+    distributed.barrier("fine-tuning run directory written")
     cfg_dict = {**config_lib.to_dict(cfg), "lineage": run_lineage, "stage": "finetune"}
+    ckpts = Checkpoints(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, log=log)
     best_ckpts = Checkpoints(run_dir / "best", keep=1, async_save=False, log=log)
-    best_path = run_dir / "best.json"
-    best = json.loads(best_path.read_text()) if best_path.exists() else None
+    resume_step = ckpts.latest_step()
+    if best is not None and (resume_step is None or best["step"] > resume_step):
+        best = None  # chosen in a part of the run that the resume replays: it is chosen again
     key_metric = p.task.metrics[0]
     baseline = metrics_lib.baseline(p.task)
     per_epoch = max(1, math.ceil(len(p.train) / cfg.batch_size))
@@ -379,11 +437,12 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
         nonlocal best
         m = evaluate(p, c, state["params"])
         step = int(jax.device_get(state["step"]))
-        if best is None or m[key_metric] > best["value"]:
+        if best is None or m[key_metric] > best["value"]:  # the same decision on every process: replicated metrics
             best = {"step": step, "metric": key_metric, "value": m[key_metric]}
-            best_ckpts.save_params(step, state["params"], cfg_dict)
+            if step not in best_ckpts.all_steps():
+                best_ckpts.save_params(step, state["params"], cfg_dict)
             if main:
-                best_path.write_text(json.dumps(best, indent=2) + "\n")
+                _write_json(best_path, best)
         return ({f"val_{k}": v for k, v in m.items()},
                 ", ".join(f"val {k} {m[k]:.4f}" for k in p.task.metrics) + f" (best {best['value']:.4f} @ {best['step']})")
 
@@ -394,7 +453,8 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
 
     stage = loop.Stage(steps=steps, step_fn=c.step, batch=batch, all_finite=c.all_finite,
                        tokens_per_step=cfg.batch_size * R * T, log_every=cfg.log_every,
-                       checkpoint_every=cfg.checkpoint.every, eval_every=cfg.eval_every or per_epoch,
+                       checkpoint_every=cfg.checkpoint.every or cfg.eval_every or per_epoch,
+                       eval_every=cfg.eval_every or per_epoch,
                        evaluate=evaluate_state, config=cfg_dict)
     try:
         result = loop.run(stage, ckpts, metrics_log, fresh_state=lambda: c.init_state(start_params),
@@ -412,7 +472,7 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
                "tokens_per_s": float(np.median(result.tokens_per_s)) if result.tokens_per_s else None,
                "lineage": run_lineage}
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(run_dir / "summary.json", summary)
     ckpts.close()
     best_ckpts.close()
     return summary

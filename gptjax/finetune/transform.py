@@ -10,9 +10,10 @@ The three control tokens are the tokenizer's reserved task tokens (`<|task0|>`, 
 gptjax's SentencePiece models). A tokenizer without them (GPT-2's BPE) gets three new ids just past its
 vocabulary: new embedding rows, which with the padded vocabulary usually already exist as unused padding.
 
-Truncation to the context cuts the longest segment that may be cut, one token at a time, and never the
-hypothesis, the question or an answer (`protected`): a context loses its beginning (its end is nearest to
-what follows), any other segment its end. An input whose protected parts alone do not fit is refused.
+Truncation to the context cuts the longest segment that may be cut (two equally long ones shrink together), and
+never the hypothesis, the question or an answer: a premise or a multiple-choice context loses its beginning (its
+end is nearest to what follows), any other segment its end. An input whose protected parts alone do not fit is
+refused.
 """
 
 from __future__ import annotations
@@ -46,17 +47,21 @@ def special_ids(tokenizer, vocab_size: int) -> SpecialIds:
     return SpecialIds(base, base + 1, base + 2, pad=tokenizer.pad_id, added=3)
 
 
-def _fit(segs: list[list[int]], protected: list[bool], budget: int, where: str) -> list[list[int]]:
+def _fit(segs: list[list[int]], protected: list[bool], budget: int, where: str, context: int | None = None
+         ) -> list[list[int]]:
+    """Cut the longest cuttable segment until all fit `budget` (segments of equal length then shrink together).
+    Segment `context` loses its beginning, any other its end."""
     segs = [list(s) for s in segs]
     fixed = sum(len(s) for s, p in zip(segs, protected) if p)
     if fixed > budget:
         raise TaskError(f"{where} does not fit the {budget}-token budget even with its other segments cut "
                         f"({fixed} tokens in its hypothesis / question / answer); shorten it or raise max_len")
     while sum(map(len, segs)) > budget:
-        i = max((j for j in range(len(segs)) if not protected[j]), key=lambda j: len(segs[j]))
-        excess = sum(map(len, segs)) - budget
-        cut = min(excess, len(segs[i]))
-        segs[i] = segs[i][cut:] if i == 0 else segs[i][:-cut]
+        cuttable = sorted((j for j in range(len(segs)) if not protected[j]), key=lambda j: -len(segs[j]))
+        i = cuttable[0]
+        runner_up = len(segs[cuttable[1]]) if len(cuttable) > 1 else 0
+        cut = max(1, min(sum(map(len, segs)) - budget, len(segs[i]) - runner_up))
+        segs[i] = segs[i][cut:] if i == context else segs[i][:-cut]
     return segs
 
 
@@ -68,7 +73,7 @@ def example_rows(task: FinetuneTask, ex: Example, tok, ids: SpecialIds, max_len:
         (text,) = _fit([enc(ex.segments[0])], [False], max_len - 2, where)
         return [[ids.start] + text + [ids.extract]]
     if task.kind == "entailment":
-        p, h = _fit([enc(ex.segments[0]), enc(ex.segments[1])], [False, True], max_len - 3, where)
+        p, h = _fit([enc(ex.segments[0]), enc(ex.segments[1])], [False, True], max_len - 3, where, context=0)
         return [[ids.start] + p + [ids.delim] + h + [ids.extract]]
     if task.kind == "similarity":
         a, b = _fit([enc(ex.segments[0]), enc(ex.segments[1])], [False, False], max_len - 3, where)
@@ -78,7 +83,7 @@ def example_rows(task: FinetuneTask, ex: Example, tok, ids: SpecialIds, max_len:
     question = enc(ex.segments[1]) if len(ex.segments) > 1 and ex.segments[1] else []
     rows = []
     for choice in ex.choices:
-        c, q, a = _fit([context, question, enc(choice)], [False, True, True], max_len - 3, where)
+        c, q, a = _fit([context, question, enc(choice)], [False, True, True], max_len - 3, where, context=0)
         rows.append([ids.start] + c + q + [ids.delim] + a + [ids.extract])
     return rows
 

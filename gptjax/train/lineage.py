@@ -43,6 +43,9 @@ def open_parent(spec: str, log=print) -> Parent:
     except CheckpointError as e:
         raise CheckpointError(f"init_from={spec}: {e}") from None
     ckpts.close()
+    if stored.get("stage", "pretrain") != "pretrain":
+        raise CheckpointError(f"init_from={spec} is a {stored['stage']} run (it has a task head); start from a "
+                              f"pretraining run (or one made by convert.py from-hf)")
     return Parent(Path(run), step, config_lib.stored_train_config(stored), list(stored.get("lineage", [])),
                   load_tokenizer(run))
 

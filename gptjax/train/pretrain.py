@@ -46,7 +46,10 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, log=print) -> None:
     path = run_dir / "config.json"
     if not path.exists():
         return
-    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in config_lib.RECORD_KEYS}
+    raw = config_lib.read_config(path, f"run_dir={run_dir}")
+    if raw.get("stage", "pretrain") != "pretrain":
+        raise ConfigError(f"{run_dir} holds a {raw['stage']} run; train into a new run_dir=...")
+    old = {k: v for k, v in raw.items() if k not in config_lib.RECORD_KEYS}
     new = config_lib.to_dict(cfg)
     model_diff = _changed_keys(old.get("model", {}), new["model"], "model.")
     # fields that change the computation but not the parameters are fine to change on resume
@@ -55,6 +58,9 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, log=print) -> None:
     if model_diff:
         raise ConfigError(f"{run_dir} holds a run of a different model ({'; '.join(model_diff[:3])}); "
                           f"choose a new run_dir=... or delete that directory")
+    if _has_checkpoint(run_dir) and old.get("init_from", "") != new["init_from"]:
+        raise ConfigError(f"{run_dir} holds a run started from init_from={old.get('init_from') or '(nothing)'!s}, not "
+                          f"{new['init_from'] or '(nothing)'}; rerun it as it was, or train into a new run_dir=...")
     other = [d for d in _changed_keys(old, new) if not d.startswith("model.")]
     if other:
         log(f"note: resuming {run_dir} with changed settings: {'; '.join(other[:6])}")
@@ -115,7 +121,8 @@ def pretrain(cfg: TrainConfig, *, log=print) -> dict:
 
 
 def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) -> dict:
-    parent = lineage_lib.open_parent(cfg.init_from, log=log) if cfg.init_from else None
+    # a child being resumed needs nothing of its parent (which may have moved): its own files say it all
+    parent = lineage_lib.open_parent(cfg.init_from, log=log) if cfg.init_from and not _has_checkpoint(run_dir) else None
 
     def prepare() -> Path:
         if main:  # the others wait for its verdict (and must not read config.json while it is rewritten)
@@ -147,8 +154,7 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         config_lib.save_json(cfg, run_dir / "config.json", **({"lineage": run_lineage} if run_lineage else {}))
-        for f in td.tokenizer.files:  # the run's own copy of its tokenizer
-            (run_dir / f.name).write_bytes(f.read_bytes())
+        data_lib.install(td.tokenizer, run_dir)  # the run's own copy of its tokenizer
         (run_dir / "data.json").write_text(json.dumps({"data_dir": str(data_dir.absolute())}, indent=2) + "\n")
 
     ckpts = Checkpoints(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, log=log)
