@@ -34,6 +34,7 @@ class FinetuneConfig:
     steps: int = 0  # 0: epochs over the training set
     batch_size: int = 32
     max_len: int = 0  # 0: the model's context; longer inputs are cut, longest segment first
+    drop_long: bool = False  # leave out (and count) examples whose protected parts alone exceed max_len
     warmup_fraction: float = 0.002  # of the steps; optim.warmup_steps > 0 sets a number of steps instead
     eval_every: int = 0  # 0: at the end of every epoch
     eval_batch_size: int = 64

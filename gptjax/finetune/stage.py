@@ -201,8 +201,8 @@ def prepare_with(cfg: FinetuneConfig, parent, tok, parent_model, data_cfg, *, de
     ids = transform.special_ids(tok, parent_model.vocab_size)
     mcfg = child_model(parent_model, ids, cfg.dropout)
     max_len = min(cfg.max_len or mcfg.block_size, mcfg.block_size)
-    train = transform.encode(task, task.train, tok, ids, max_len, split="train")
-    val = transform.encode(task, task.val, tok, ids, max_len, split="val")
+    train = transform.encode(task, task.train, tok, ids, max_len, split="train", drop_long=cfg.drop_long)
+    val = transform.encode(task, task.val, tok, ids, max_len, split="val", drop_long=cfg.drop_long)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % shards or cfg.eval_batch_size % shards:
@@ -322,7 +322,7 @@ def finetune_info(p: Prepared, parent_model: dict | None = None, data: dict | No
     t = p.task
     return {"task": t.name, "kind": t.kind, "labels": list(t.labels), "regression": t.regression,
             "metrics": list(t.metrics), "description": t.description, "special_ids": dataclasses.asdict(p.ids),
-            "max_len": p.max_len, "model": config_lib.to_dict(p.mcfg), "n_train": len(p.train), "n_val": len(p.val),
+            "max_len": p.max_len, "dropped": [p.train.dropped, p.val.dropped], "model": config_lib.to_dict(p.mcfg), "n_train": len(p.train), "n_val": len(p.val),
             "parent_model": parent_model or config_lib.to_dict(p.parent.cfg.model),
             "data": data or config_lib.to_dict(p.parent.cfg.data)}
 
@@ -344,6 +344,7 @@ def finetune(cfg: FinetuneConfig, *, devices=None, log=print) -> dict:
 
 # Settings that make a fine-tuning run what it is: changing one on resume would train a different run.
 IDENTITY = ("init_from", "init", "transfer_layers", "task", "val", "kind", "fields", "n_train", "n_val", "max_len",
+            "drop_long",
             "seed", "batch_size", "epochs", "steps", "lm_coef")
 
 
@@ -429,7 +430,9 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
     T = p.train.tokens.shape[-1]
     R = p.train.tokens.shape[1]
     log(f"fine-tuning {p.task.name} ({p.task.kind}{', regression' if p.task.regression else ''}): "
-        f"{len(p.train)} train / {len(p.val)} val items, {R} row(s) of {T} tokens each, {steps} steps, "
+        f"{len(p.train)} train / {len(p.val)} val items"
+        + (f" ({p.train.dropped} / {p.val.dropped} too long for max_len={p.max_len} left out)"
+           if p.train.dropped or p.val.dropped else "") + f", {R} row(s) of {T} tokens each, {steps} steps, "
         f"λ={cfg.lm_coef}, init {cfg.init}" + (f", {cfg.transfer_layers} layers transferred"
                                               if cfg.transfer_layers >= 0 else "") + f"; run dir {run_dir}")
 

@@ -97,16 +97,27 @@ class Encoded:
     extract: np.ndarray
     rows: np.ndarray
     labels: np.ndarray
+    dropped: int = 0  # examples left out because they did not fit (drop_long)
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
 def encode(task: FinetuneTask, examples: list[Example], tok, ids: SpecialIds, max_len: int,
-           length: int | None = None, split: str = "train") -> Encoded:
-    """Encode `examples`; rows are right-padded to `length` (default: the longest row, rounded up to 16)."""
-    per = [example_rows(task, ex, tok, ids, max_len, where=f"{task.name} {split} item {i}")
-           for i, ex in enumerate(examples)]
+           length: int | None = None, split: str = "train", drop_long: bool = False) -> Encoded:
+    """Encode `examples`; rows are right-padded to `length` (default: the longest row, rounded up to 16). An
+    example that cannot fit is an error, or with `drop_long` left out and counted."""
+    per, kept, n_in = [], [], len(examples)
+    for i, ex in enumerate(examples):
+        try:
+            per.append(example_rows(task, ex, tok, ids, max_len, where=f"{task.name} {split} item {i}"))
+            kept.append(ex)
+        except TaskError:
+            if not drop_long:
+                raise
+    if not per:
+        raise TaskError(f"no {task.name} {split} item fits max_len={max_len}; raise max_len")
+    examples = kept
     R = max(len(r) for r in per)
     T = length or min(max_len, -(-max(len(row) for r in per for row in r) // 16) * 16)
     tokens = np.full((len(per), R, T), ids.pad, np.int32)
@@ -120,4 +131,4 @@ def encode(task: FinetuneTask, examples: list[Example], tok, ids: SpecialIds, ma
             rows[i, j] = 1.0
     dtype = np.float32 if task.regression else np.int32
     labels = np.asarray([ex.label for ex in examples], dtype)
-    return Encoded(tokens, extract, rows, labels)
+    return Encoded(tokens, extract, rows, labels, dropped=n_in - len(kept))
