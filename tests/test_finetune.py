@@ -310,3 +310,29 @@ def test_finetune_refuses_run_dirs_it_would_damage(cli_runs, parent, task_files,
     # a fine-tuned run is not a language model to continue pretraining from
     proc = run_script("train.py", f"init_from={a}", f"run_dir={tmp_path / 'c'}", "steps=2")
     assert proc.returncode == 2 and "finetune run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("variant", [
+    ["model.norm=post", "model.final_norm=false", "model.scaled_resid_init=false"],  # GPT-1
+    ["model.attention_pattern=dense,banded", "model.local_window=4"],  # GPT-3's alternating layers
+])
+def test_every_architecture_reads_only_the_extract_state(variant):
+    from gptjax import config
+    from gptjax.heads import init_task_head
+    from gptjax.model import init_params
+
+    mcfg = config.resolve("tiny", ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=16",
+                                   "model.vocab_size=300"] + variant).model
+    params = {**init_params(mcfg, jax.random.key(0)), "head": init_task_head(mcfg, 3, jax.random.key(1))}
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 300, (1, 1, 16)), jnp.int32)
+    ext = 9
+
+    def logit(offset):
+        out, _ = ft.task_outputs(mcfg, "classification", params, tokens, jnp.asarray([[ext]]), jnp.ones((1, 1)),
+                                 offset_NTD=offset)
+        return out[0].sum()
+
+    g = np.asarray(jax.grad(logit)(jnp.zeros((1, 16, mcfg.d_model))))
+    assert np.all(g[0, ext + 1:] == 0.0) and np.abs(g[0, :ext + 1]).sum() > 0
+    if "model.attention_pattern=dense,banded" in variant:  # the dense layer still sees the first position
+        assert np.abs(g[0, 0]).sum() > 0
