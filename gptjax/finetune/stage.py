@@ -203,6 +203,8 @@ def prepare_with(cfg: FinetuneConfig, parent, tok, parent_model, data_cfg, *, de
     max_len = min(cfg.max_len or mcfg.block_size, mcfg.block_size)
     train = transform.encode(task, task.train, tok, ids, max_len, split="train", drop_long=cfg.drop_long)
     val = transform.encode(task, task.val, tok, ids, max_len, split="val", drop_long=cfg.drop_long)
+    if train.dropped or val.dropped:  # baselines and metrics then speak of the same items
+        task = dataclasses.replace(task, train=train.kept, val=val.kept)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % shards or cfg.eval_batch_size % shards:

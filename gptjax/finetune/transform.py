@@ -98,6 +98,7 @@ class Encoded:
     rows: np.ndarray
     labels: np.ndarray
     dropped: int = 0  # examples left out because they did not fit (drop_long)
+    kept: list | None = None  # the examples encoded, in order
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -131,4 +132,4 @@ def encode(task: FinetuneTask, examples: list[Example], tok, ids: SpecialIds, ma
             rows[i, j] = 1.0
     dtype = np.float32 if task.regression else np.int32
     labels = np.asarray([ex.label for ex in examples], dtype)
-    return Encoded(tokens, extract, rows, labels, dropped=n_in - len(kept))
+    return Encoded(tokens, extract, rows, labels, dropped=n_in - len(kept), kept=kept)
