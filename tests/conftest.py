@@ -167,3 +167,40 @@ def finished_steps(run_dir: Path) -> list[int]:
     if not d.exists():
         return []
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 180) -> list[int]:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = finished_steps(run_dir)
+        if steps:
+            return steps
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) before writing a checkpoint")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("no checkpoint appeared in time")
+
+
+def run_and_kill(script: str, args_a: list, args_b: list, run_b: Path, log_b: Path, timeout: float = 300):
+    """Start run A and run B of `script` together (they share the compile cache); SIGKILL B just after its first
+    checkpoint, then let A finish. Returns (A's process, its output, B's process, B's steps at the kill)."""
+    import signal
+
+    with open(log_b, "w") as log:
+        proc_a = start_script(script, *args_a, stdout=subprocess.PIPE)
+        proc_b = start_script(script, *args_b, stdout=log)
+        try:
+            wait_for_checkpoint(proc_b, run_b)
+            proc_b.send_signal(signal.SIGKILL)
+            proc_b.wait(30)
+            steps_at_kill = finished_steps(run_b)
+            out_a, _ = proc_a.communicate(timeout=timeout)
+        finally:
+            for p in (proc_a, proc_b):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    return proc_a, out_a, proc_b, steps_at_kill

@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import signal
-import subprocess
 from pathlib import Path
 
 import jax
@@ -17,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import finished_steps, read_losses, run_script, start_script
+from conftest import finished_steps, read_losses, run_and_kill, run_script
 from gptjax.finetune import stage as ft
 from gptjax.finetune import transform
 from gptjax.finetune.config import resolve
@@ -179,22 +177,10 @@ def test_eight_devices_equal_one_device(parent, task_files, tmp_path):
 def cli_runs(tmp_path_factory, parent, task_files):
     """Run A uninterrupted through finetune.py; run B the same, killed by SIGKILL after its first checkpoint and
     rerun."""
-    from test_resume import wait_for_checkpoint
-
     root = tmp_path_factory.mktemp("ft-cli")
     a, b = root / "a", root / "b"
-    proc_a = start_script("finetune.py", *ft_args(parent, task_files, a), stdout=subprocess.PIPE)
-    proc_b = start_script("finetune.py", *ft_args(parent, task_files, b))
-    try:
-        wait_for_checkpoint(proc_b, b)
-        proc_b.send_signal(signal.SIGKILL)
-        proc_b.wait(30)
-        out_a, _ = proc_a.communicate(timeout=300)
-    finally:
-        for p in (proc_a, proc_b):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    proc_a, out_a, _, _ = run_and_kill("finetune.py", ft_args(parent, task_files, a), ft_args(parent, task_files, b), b,
+                                       root / "b.log")
     assert proc_a.returncode == 0, out_a[-4000:]
     assert not (b / "summary.json").exists() and max(finished_steps(b)) < STEPS
     resumed = run_script("finetune.py", *ft_args(parent, task_files, b), timeout=300)

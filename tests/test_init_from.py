@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import finished_steps, read_losses, run_script, start_script
+from conftest import finished_steps, read_losses, run_and_kill, run_script, start_script, wait_for_checkpoint
 from gptjax import config as config_lib
 from gptjax.errors import ConfigError, RunDirBusy
 from gptjax.train.loop import RunDirLock
@@ -50,21 +50,8 @@ def children(tmp_path_factory, tiny_overrides, parent):
     a, b = root / "a", root / "b"
     args = tiny_overrides + [f"init_from={parent}", f"steps={CHILD_STEPS}", f"checkpoint.every={EVERY}",
                              "optim.lr=1e-3", "optim.warmup_steps=3"]
-    proc_a = start_script("train.py", *args, f"run_dir={a}", stdout=subprocess.PIPE)
-    with open(root / "b.log", "w") as log_b:
-        proc_b = start_script("train.py", *args, f"run_dir={b}", stdout=log_b)
-        try:
-            from test_resume import wait_for_checkpoint
-
-            wait_for_checkpoint(proc_b, b)
-            proc_b.send_signal(signal.SIGKILL)
-            proc_b.wait(30)
-            out_a, _ = proc_a.communicate(timeout=240)
-        finally:
-            for p in (proc_a, proc_b):
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+    proc_a, out_a, proc_b, _ = run_and_kill("train.py", args + [f"run_dir={a}"], args + [f"run_dir={b}"], b,
+                                            root / "b.log", timeout=240)
     assert proc_a.returncode == 0, out_a[-5000:]
     assert not (b / "summary.json").exists() and max(finished_steps(b)) < CHILD_STEPS
     killed = read_losses(b)
@@ -175,8 +162,6 @@ def test_resume_after_the_corpus_changed_its_tokenizer_is_refused(tmp_path, tiny
 
 
 def test_second_live_job_on_a_run_dir_is_refused(tmp_path, tiny_overrides, prepared):
-    from test_resume import wait_for_checkpoint
-
     run = tmp_path / "run"
     args = tiny_overrides + [f"run_dir={run}", "checkpoint.every=5"]
     first = start_script("train.py", *args, "steps=100000")

@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import finished_steps, read_losses, run_script, start_script
+from conftest import finished_steps, read_losses, run_and_kill, run_script, start_script, wait_for_checkpoint
 
 from gptjax.checkpoint import Checkpoints
 
@@ -34,19 +32,6 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
     return out
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 180) -> list[int]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        steps = finished_steps(run_dir)
-        if steps:
-            return steps
-        if proc.poll() is not None:
-            pytest.fail(f"the run exited ({proc.returncode}) before writing a checkpoint")
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail("no checkpoint appeared in time")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_overrides, prepared):
     """Run A uninterrupted; run B, identical but for its directory, killed with SIGKILL just after its first
@@ -54,21 +39,8 @@ def runs(tmp_path_factory, tiny_overrides, prepared):
     root = tmp_path_factory.mktemp("resume")
     a, b = root / "a", root / "b"
     args = tiny_overrides + [f"steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=2"]
-    log_b = open(root / "b_first.log", "w")
-    proc_a = start_script("train.py", *args, f"run_dir={a}", stdout=subprocess.PIPE)
-    proc_b = start_script("train.py", *args, f"run_dir={b}", stdout=log_b)
-    try:
-        wait_for_checkpoint(proc_b, b)
-        proc_b.send_signal(signal.SIGKILL)
-        proc_b.wait(30)
-        steps_at_kill = finished_steps(b)
-        out_a, _ = proc_a.communicate(timeout=240)
-    finally:
-        for p in (proc_a, proc_b):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        log_b.close()
+    proc_a, out_a, proc_b, steps_at_kill = run_and_kill("train.py", args + [f"run_dir={a}"], args + [f"run_dir={b}"],
+                                                        b, root / "b_first.log", timeout=240)
     assert proc_a.returncode == 0, out_a[-5000:]
     assert proc_b.returncode == -signal.SIGKILL
     assert not (b / "summary.json").exists() and max(steps_at_kill) < STEPS, "run B finished before the kill"

@@ -11,9 +11,8 @@ from pathlib import Path
 import jax
 
 from gptjax import config as config_lib
-from gptjax.checkpoint import Checkpoints
+from gptjax.checkpoint import open_step
 from gptjax.data import load_tokenizer
-from gptjax.errors import CheckpointError
 from gptjax.finetune import stage as ft
 from gptjax.finetune.config import FinetuneConfig
 
@@ -37,13 +36,7 @@ def evaluate_run(run_dir, *, step: int | None = None, val_files=(), devices=None
     best = run_dir / "best" / "checkpoints"
     has_best = best.is_dir() and any(p.name.isdigit() for p in best.iterdir())
     sub = "best" if step is None and has_best else "."
-    ckpts = Checkpoints(run_dir / sub, read_only=True, log=log)
-    steps = ckpts.all_steps()
-    if not steps:
-        raise CheckpointError(f"{run_dir} holds no complete fine-tuning checkpoint; run finetune.py first")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {ckpts.dir}; available: {steps}")
+    ckpts, step, _ = open_step(run_dir / sub, step, log=log)
     results, params = {}, None
     for val in list(val_files) or [None]:
         c = dataclasses.replace(cfg, val=str(val)) if val else cfg
