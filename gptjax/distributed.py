@@ -227,3 +227,10 @@ def local_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], a
         raise ConfigError(f"process {jax.process_index()} holds non-contiguous rows {sorted(spans)} of the batch; "
                           f"order the mesh so each process's devices are adjacent along data x fsdp")
     return slice(lo, hi)
+
+
+def host_to_global(arr, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host array that every process holds whole (evaluation windows, fine-tuning
+    batches): each process hands over only the rows, along axis 0, that its own devices hold."""
+    rows = local_rows(sharding, arr.shape, axis=0)
+    return jax.make_array_from_process_local_data(sharding, arr[rows], arr.shape)

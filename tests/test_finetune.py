@@ -61,7 +61,6 @@ def prep(parent, task_files):
 
 def _params(p, kind="classification", outputs=2):
     task = dataclasses.replace(p.task, kind=kind, labels=("a", "b") if outputs == 2 else ())
-    shapes, _ = ft.param_shardings(p.mcfg, outputs, p.mesh, "fsdp")
     return ft.starting_params(p.cfg, p.parent, p.mcfg, task, p.mesh, lambda *_: None)[0]
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gptjax.data import Tokenizer
-from gptjax.distributed import local_rows
+from gptjax.distributed import host_to_global
 from gptjax.errors import DataError
 from gptjax.model import forward, vocab_mask
 
@@ -26,9 +26,7 @@ def mean_nats(eval_fn: Callable, params, batches: Iterable[tuple[np.ndarray, np.
     for tokens, weights in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
                                 disable=jax.process_index() != 0):
         # every process sees the same windows and feeds the rows its devices hold
-        rows = local_rows(batch_sharding, tokens.shape, axis=0)
-        tokens = jax.make_array_from_process_local_data(batch_sharding, tokens[rows], tokens.shape)
-        weights = jax.make_array_from_process_local_data(batch_sharding, weights[rows], weights.shape)
+        tokens, weights = host_to_global(tokens, batch_sharding), host_to_global(weights, batch_sharding)
         s, c = eval_fn(params, tokens, weights)
         nats += float(s)
         count += float(c)

@@ -39,7 +39,7 @@ from gptjax.finetune.config import FinetuneConfig
 from gptjax.finetune.task import FinetuneTask
 from gptjax.heads import hidden_states, init_task_head, task_head_axes, task_logits
 from gptjax.model import Params, abstract_params, dropout, init_params, logical_axes, vocab_mask
-from gptjax.optim import make_optimizer
+from gptjax.optim import make_optimizer, schedule
 from gptjax.train import lineage as lineage_lib
 from gptjax.train import loop
 
@@ -246,8 +246,6 @@ def compile_stage(p: Prepared, steps: int) -> Compiled:
     warmup = cfg.optim.warmup_steps or int(round(cfg.warmup_fraction * steps))
     optim = dataclasses.replace(cfg.optim, warmup_steps=warmup)
     tx = make_optimizer(optim, steps)
-    from gptjax.optim import schedule
-
     lr_schedule = schedule(optim, steps)
     replicated = NamedSharding(mesh, P())
     opt_shapes = jax.eval_shape(tx.init, shapes)
@@ -298,11 +296,6 @@ def compile_stage(p: Prepared, steps: int) -> Compiled:
     return Compiled(init_state, abstract_state, step, outputs, all_finite, (batch_sh, vec_sh, vec_sh, lab_sh), state_sh)
 
 
-def _global(arr: np.ndarray, sh) -> jax.Array:
-    rows = distributed.local_rows(sh, arr.shape, axis=0)
-    return jax.make_array_from_process_local_data(sh, arr[rows], arr.shape)
-
-
 def predict(c: Compiled, params, enc: transform.Encoded, batch_size: int, regression: bool) -> np.ndarray:
     """Predictions (class / choice index, or score) for every example of `enc`, in fixed-size padded batches."""
     out = []
@@ -310,7 +303,7 @@ def predict(c: Compiled, params, enc: transform.Encoded, batch_size: int, regres
     for s in range(0, n, batch_size):
         idx = np.arange(s, s + batch_size) % n  # the last batch wraps around; its extra rows are dropped
         arrs = [enc.tokens[idx], enc.extract[idx], enc.rows[idx]]
-        o = c.outputs(params, *[_global(a, sh) for a, sh in zip(arrs, c.batch_sharding[:3])])
+        o = c.outputs(params, *[distributed.host_to_global(a, sh) for a, sh in zip(arrs, c.batch_sharding[:3])])
         out.append(np.asarray(jax.device_get(predictions(regression, o)))[: min(batch_size, n - s)])
     return np.concatenate(out)
 
@@ -454,7 +447,7 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
     def batch(step: int):
         idx = batch_indices(cfg.seed, step, cfg.batch_size, len(p.train))
         arrs = (p.train.tokens[idx], p.train.extract[idx], p.train.rows[idx], p.train.labels[idx])
-        return tuple(_global(a, sh) for a, sh in zip(arrs, c.batch_sharding))
+        return tuple(distributed.host_to_global(a, sh) for a, sh in zip(arrs, c.batch_sharding))
 
     stage = loop.Stage(steps=steps, step_fn=c.step, batch=batch, all_finite=c.all_finite,
                        tokens_per_step=cfg.batch_size * R * T, log_every=cfg.log_every,
