@@ -109,12 +109,35 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Where metrics go besides RUN_DIR/metrics.jsonl (always written): TensorBoard event files and Weights &
+    Biases, each an optional extra (pip install -e '.[track]')."""
+
+    tensorboard: bool = False  # event files in RUN_DIR/tensorboard (tensorboard --logdir RUN_DIR/tensorboard)
+    wandb: bool = False
+    wandb_project: str = "gptjax"
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync` later), online, disabled
+    wandb_entity: str = ""
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """A jax.profiler trace of steps [start_step, start_step + steps) into RUN_DIR/profile (TensorBoard's
+    profile tab or Perfetto)."""
+
+    start_step: int = 5  # the first steps compile; start after them
+    steps: int = 0  # 0: no trace
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     preset: str = "tiny"
     run_dir: str = ""  # "" means runs/<preset>
     init_from: str = ""  # RUN_DIR or RUN_DIR@STEP: start from that run's parameters (model and tokenizer too)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptjax import config as config_lib
-from gptjax.config import CheckpointConfig, MeshConfig, OptimConfig
+from gptjax.config import CheckpointConfig, LogConfig, MeshConfig, OptimConfig, ProfileConfig
 from gptjax.errors import ConfigError
 
 INITS = ("pretrained", "random")
@@ -46,6 +46,8 @@ class FinetuneConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     # every=0: a checkpoint at every evaluation (the end of each epoch unless eval_every says otherwise)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=0, keep=1))
+    log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:
