@@ -1,6 +1,7 @@
 """Typed, frozen configuration: dataclasses, named presets, dotted overrides.
 
-A run is described by one `TrainConfig`. Presets are JSON files in `configs/` holding a nested dict of
+A run is described by one `TrainConfig`. Presets are JSON files in `gptjax/configs/` (shipped inside the
+package, so a plain `pip install` has them; `configs/` in a source checkout is a link to it) holding a nested dict of
 the fields that differ from the defaults below; `key.sub=value` overrides go on top, each parsed to the
 field's type. Unknown keys and bad values raise `ConfigError` naming the nearest valid key.
 """
@@ -11,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,14 +316,59 @@ def validate(cfg):
     return check(cfg) if check else cfg
 
 
+def _need(ok, msg):
+    if not ok:
+        raise ConfigError(msg)
+
+
+OBJECT_STORE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_local_path(key: str, value: str) -> None:
+    """Run directories, caches and corpora are local (or mounted) paths. `gs://bucket/run` would otherwise
+    become the local folder `gs:/bucket/run` without a word."""
+    if value and OBJECT_STORE.match(value):
+        scheme = value.split("://", 1)[0]
+        raise ConfigError(f"{key}={value}: {scheme}:// paths are not supported; mount the bucket as a local "
+                          f"directory (e.g. gcsfuse BUCKET /mnt/BUCKET) and pass {key}=/mnt/BUCKET/...")
+
+
+def check_optim(o: OptimConfig) -> None:
+    _need(o.lr > 0, f"optim.lr must be positive, got {o.lr} (a learning rate <= 0 does not train)")
+    _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _need(o.decay in ("cosine", "linear"), f"optim.decay must be 'cosine' or 'linear', got '{o.decay}'")
+    _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _need(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, f"optim.b1 and optim.b2 must be in [0, 1), got {o.b1}, {o.b2}")
+    _need(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
+    _need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0: no clipping), got {o.grad_clip}")
+
+
+def check_mesh(m: MeshConfig) -> None:
+    _need(m.rules in RULE_SETS, f"mesh.rules must be one of {RULE_SETS}, got '{m.rules}'")
+    sizes = (m.data, m.fsdp, m.tensor)  # sizes against the devices present are checked in sharding.make_mesh
+    _need(all(x >= 1 or x == -1 for x in sizes) and sizes.count(-1) <= 1,
+          f"mesh sizes must be positive, with at most one -1 (all the devices left), got data={m.data} "
+          f"fsdp={m.fsdp} tensor={m.tensor}")
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check_log(log: LogConfig, profile: ProfileConfig) -> None:
+    _need(log.wandb_mode in WANDB_MODES, f"log.wandb_mode must be one of {WANDB_MODES}, got '{log.wandb_mode}'")
+    _need(profile.steps >= 0 and profile.start_step >= 0,
+          f"profile.start_step and profile.steps must be >= 0 (profile.steps=0: no trace), got "
+          f"{profile.start_step} and {profile.steps}")
+
+
 def validate_train(cfg: TrainConfig) -> TrainConfig:
     m = cfg.model
+    need = _need
 
-    def need(ok, msg):
-        if not ok:
-            raise ConfigError(msg)
-
-    need(m.vocab_size > 0 and m.block_size > 0 and m.n_layer > 0, "model sizes must be positive")
+    for k in ("vocab_size", "vocab_multiple", "block_size", "n_layer", "n_head", "d_model"):
+        need(getattr(m, k) > 0, f"model.{k} must be positive, got {getattr(m, k)}")
+    need(m.d_ff >= 0, f"model.d_ff must be >= 0 (0: 4 * d_model), got {m.d_ff}")
     need(m.d_model % m.n_head == 0,
          f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}; pick heads that divide it")
     need(m.norm in ("pre", "post"), f"model.norm must be 'pre' or 'post', got '{m.norm}'")
@@ -339,17 +386,32 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
                               f"got {m.local_window}")
     for p in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
         need(0.0 <= getattr(m, p) < 1.0, f"model.{p} must be in [0, 1)")
+    need(m.init_std > 0 and m.ln_eps > 0, "model.init_std and model.ln_eps must be positive")
     need(cfg.data.source in ("stdlib", "text", "jsonl"),
          f"data.source must be 'stdlib', 'text' or 'jsonl', got '{cfg.data.source}'")
     need(cfg.data.source == "stdlib" or cfg.data.paths,
          f"data.source={cfg.data.source} needs files: add data.paths='corpus/*.txt'")
     need(0.0 < cfg.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
-    need(cfg.optim.decay in ("cosine", "linear"), f"optim.decay must be 'cosine' or 'linear', got '{cfg.optim.decay}'")
-    need(cfg.mesh.rules in RULE_SETS, f"mesh.rules must be one of {RULE_SETS}, got '{cfg.mesh.rules}'")
-    need(cfg.steps > 0, "steps must be positive")
+    need(cfg.data.tokenizer_sample_bytes > 0 and cfg.data.shard_tokens > 0,
+         "data.tokenizer_sample_bytes and data.shard_tokens must be positive")
+    need(cfg.data.num_task_tokens >= 0, f"data.num_task_tokens must be >= 0, got {cfg.data.num_task_tokens}")
+    check_optim(cfg.optim)
+    check_mesh(cfg.mesh)
+    check_log(cfg.log, cfg.profile)
+    need(cfg.steps > 0, f"steps must be positive, got {cfg.steps}")
+    need(cfg.batch_size > 0, f"batch_size must be positive (sequences per step), got {cfg.batch_size}")
     need(cfg.micro_batches > 0 and cfg.batch_size % cfg.micro_batches == 0,
          f"batch_size={cfg.batch_size} must be divisible by micro_batches={cfg.micro_batches}")
+    need(cfg.log_every > 0, f"log_every must be positive (steps between metrics lines), got {cfg.log_every}")
+    need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0: evaluate only at the end), got {cfg.eval_every}")
+    need(cfg.eval_batches >= 0, f"eval_batches must be >= 0 (0: the whole validation split), got {cfg.eval_batches}")
     need(cfg.checkpoint.every > 0 and cfg.checkpoint.keep > 0, "checkpoint.every and checkpoint.keep must be positive")
+    need(cfg.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {cfg.temperature}")
+    need(cfg.top_k >= 0 and cfg.sample_tokens >= 0, "top_k and sample_tokens must be >= 0")
+    for key in ("run_dir", "init_from", "data.cache_dir"):
+        check_local_path(key, getattr(cfg.data, "cache_dir") if key == "data.cache_dir" else getattr(cfg, key))
+    for p in cfg.data.paths:
+        check_local_path("data.paths", p)
     return cfg
 
 
@@ -361,7 +423,7 @@ VALIDATORS: dict[type, Any] = {TrainConfig: validate_train}
 
 
 def configs_dir() -> Path:
-    return Path(os.environ.get("GPTJAX_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
+    return Path(os.environ.get("GPTJAX_CONFIGS", Path(__file__).resolve().parent / "configs"))
 
 
 def list_presets() -> list[str]:
@@ -423,11 +485,23 @@ def stored_train_config(d: dict) -> TrainConfig:
 RECORD_KEYS = ("lineage", "stage")  # written beside the resolved config, not settings
 
 
-def read_config(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str, fix: str = "restore it, or start a new run_dir") -> Any:
+    """A JSON file a run directory or cache holds. A corrupt one (a torn write, an edit gone wrong) is one line
+    naming the file and the fix, never a JSONDecodeError traceback."""
+    path = Path(path)
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what}: {path} is not valid JSON ({e}); restore it from a checkpoint's config") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: {path} is not valid JSON ({e}); {fix}") from None
+
+
+def read_config(path: Path, what: str) -> dict:
+    """A run's config.json (every checkpoint holds a copy of it under checkpoints/STEP/config)."""
+    d = read_json(path, what, f"copy it back from a checkpoint ({path.parent}/checkpoints/STEP/config/metadata) or "
+                              f"start a new run_dir")
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what}: {path} holds no config (a JSON object); restore it from a checkpoint's copy")
+    return d
 
 
 def adopt_parent_model(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -469,7 +543,7 @@ def save_json(cfg, path: Path, **records) -> None:
 
 
 def load_json(path: Path) -> TrainConfig:
-    return stored_train_config(json.loads(Path(path).read_text()))
+    return stored_train_config(read_config(Path(path), str(Path(path).parent)))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

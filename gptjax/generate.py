@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import re
 from typing import Callable, Sequence
 
@@ -213,6 +214,16 @@ def _decode(cfg: ModelConfig, params: Params, cache: tuple, tok_B, pos_B, count_
     return cache, tok_B, pos_B, count_B, done_B, out_BC
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Settings that would sample silently wrong (a negative temperature flips the distribution)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k < 0:
+        raise GenerationError(f"top_k must be >= 0 (0: off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1] (1: off), got {top_p}")
+
+
 def _check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]]) -> None:
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -254,6 +265,7 @@ def generate(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
         the one that completes it, so cut the text yourself (`cut_at_stop`).
       batch_size: prompts decoded together; a partial last batch is padded to keep one compiled shape.
     """
+    check_sampling(temperature, top_k, top_p)
     prompts = [list(map(int, p)) for p in prompts]
     _check_prompts(cfg, prompts)
     if stop and decode is None:
@@ -338,6 +350,7 @@ def generate_uncached(cfg: ModelConfig, params: Params, prompts: Sequence[Sequen
                       eot_id: int | None = None) -> list[list[int]]:
     """The same sampling without a cache: the full forward pass over a fixed [B, block_size] window per token
     (a window sliding one token at a time past the context). The oracle for tests; slow by design."""
+    check_sampling(temperature, top_k, top_p)
     prompts = [list(map(int, p)) for p in prompts]
     _check_prompts(cfg, prompts)
     B, T = len(prompts), cfg.block_size
@@ -383,6 +396,13 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def unescape(text: str) -> str:
-    """\\n, \\t and \\\\ as typed on a command line; everything else (any Unicode) as it is."""
+def unescape(text: str, what: str = "the prompt") -> str:
+    """\\n, \\t and \\\\ as typed on a command line; everything else (any Unicode) as it is. Bytes that are not
+    UTF-8 (Python hands them over as lone surrogates) are refused: the tokenizer would fail on them deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text.encode("utf-8", "surrogateescape")
+        raise GenerationError(f"{what} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start}); pass "
+                              f"UTF-8 text (convert it with iconv -t UTF-8)") from None
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)

@@ -68,9 +68,13 @@ def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     need(0 <= cfg.warmup_fraction < 1, "warmup_fraction must be in [0, 1)")
     need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep > 0, "checkpoint.every must be >= 0 (0: at every "
                                                                 "evaluation) and checkpoint.keep positive")
-    need(cfg.mesh.rules in config_lib.RULE_SETS, f"mesh.rules must be one of {config_lib.RULE_SETS}, got '{cfg.mesh.rules}'")
-    need(cfg.optim.decay in ("cosine", "linear"), f"optim.decay must be 'cosine' or 'linear', got '{cfg.optim.decay}'")
-    need(cfg.optim.lr > 0, f"optim.lr must be positive, got {cfg.optim.lr}")
+    config_lib.check_mesh(cfg.mesh)
+    config_lib.check_optim(cfg.optim)
+    config_lib.check_log(cfg.log, cfg.profile)
+    need(cfg.n_train > 0 and cfg.n_val > 0, "n_train and n_val must be positive")
+    need(cfg.steps >= 0, f"steps must be >= 0 (0: epochs over the training set), got {cfg.steps}")
+    for key in ("init_from", "run_dir", "task", "val"):
+        config_lib.check_local_path(key, getattr(cfg, key))
     need(cfg.eval_every >= 0, "eval_every must be >= 0 (0: at the end of every epoch)")
     run, _ = config_lib.split_init_from(cfg.init_from)
     need(not cfg.run_dir or Path(cfg.run_dir).absolute() != Path(run).absolute(),

@@ -5,7 +5,6 @@ Everything comes from the run directory itself (config.json, finetune.json, its 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -23,8 +22,8 @@ def is_finetuned(run_dir) -> bool:
 
 def evaluate_run(run_dir, *, step: int | None = None, val_files=(), devices=None, log=print) -> dict:
     run_dir = Path(run_dir)
-    info = json.loads((run_dir / "finetune.json").read_text())
-    stored = json.loads((run_dir / "config.json").read_text())
+    info = config_lib.read_json(run_dir / "finetune.json", f"{run_dir}")
+    stored = config_lib.read_config(run_dir / "config.json", f"{run_dir}")
     cfg = config_lib.from_dict(FinetuneConfig, {k: v for k, v in stored.items() if k not in config_lib.RECORD_KEYS})
     # this machine's devices, whatever the run trained on; batches rounded to a multiple of them
     n = len(devices or jax.devices())
