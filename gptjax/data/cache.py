@@ -5,6 +5,13 @@ byte-fallback BPE tokenizer on the training split (or takes a given one), and wr
 shards plus a manifest (source, tokenizer, counts, hashes) into a cache directory. A second call with the
 same source reuses it; a changed source is detected by its content hash and rebuilt.
 
+Preparation builds in a temporary directory beside its target, `<target>.tmp-<host>-<pid>-<random>`, and
+swaps it in whole, so a cache is either complete or absent. SIGTERM (turned into `PreparationInterrupted`
+while preparing, in the main thread, where no other handler is installed), Ctrl-C and errors remove that
+directory. SIGKILL cannot be caught: the next preparation into the same cache root removes temporary
+directories whose owner pid is no longer running on this host, or (another host's, or of an unknown owner)
+in which nothing has changed for `STALE_AFTER_S`; one a live process on this host owns is never touched.
+
 `TokenData.batch(seed, step, ...)` is a pure function of (seed, step): no sampler state, so a resumed run
 replays exactly the batches of an uninterrupted one, and each process takes its own rows of the batch.
 """
@@ -17,8 +24,12 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,11 +39,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gptjax.config import DataConfig
-from gptjax.data.sources import iter_documents, split, stdlib_root
+from gptjax.data.sources import Utf8Report, iter_documents, split, stdlib_root
 from gptjax.data.tokenizers import SentencePieceTokenizer, Tokenizer, fingerprint, load_tokenizer, train_tokenizer
 from gptjax.errors import DataError
 
 FORMAT_VERSION = 1
+STALE_AFTER_S = 24 * 3600  # a temporary directory no process here can vouch for, untouched this long, is dead
+_TMP = re.compile(r"^(?P<target>.+)\.tmp-(?:(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-)?[A-Za-z0-9_]+$")
+
+
+class PreparationInterrupted(DataError):
+    """SIGTERM arrived while preparing data: the half-built cache was removed. Exits 143, as SIGTERM does."""
+
+    exit_code = 143
 
 
 def default_cache_dir() -> Path:
@@ -108,6 +127,75 @@ def _cache_lock(root: Path):
         os.close(fd)  # releases the lock
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _last_change(d: Path) -> float:
+    times = [d.stat().st_mtime]
+    with contextlib.suppress(OSError):
+        times += [p.stat().st_mtime for p in d.iterdir()]
+    return max(times)
+
+
+def _remove_stale_temps(root: Path, log) -> None:
+    """Remove the temporary directories of preparations that died (SIGKILL, power loss) under `root`; called
+    holding the root's lock, so no preparation that takes it is writing one of them."""
+    host, removed = _host(), []
+    for d in sorted(root.iterdir()):
+        m = _TMP.match(d.name)
+        if not (m and d.is_dir()):
+            continue
+        try:
+            if m["pid"] and m["host"] == host:
+                dead = not _alive(int(m["pid"]))
+            else:  # another host's (a shared disk), or an older gptjax's unnamed one: only by age
+                dead = time.time() - _last_change(d) > STALE_AFTER_S
+        except OSError:  # vanished meanwhile
+            continue
+        if dead:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(f"{d.name}" + (f" (pid {m['pid']} on {m['host']})" if m["pid"] else ""))
+    if removed:
+        log(f"data: removed {len(removed)} temporary director{'y' if len(removed) == 1 else 'ies'} left by an "
+            f"interrupted preparation in {root}: {', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While preparing, SIGTERM raises PreparationInterrupted, so the try/except that owns the temporary
+    directory removes it (the default action would kill the process and leave it). Only in the main thread,
+    and only where SIGTERM still has its default action (a caller's own handler is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    fired = False
+
+    def on_term(signum, frame):
+        nonlocal fired
+        if fired:  # a second SIGTERM must not interrupt the cleanup of the first
+            return
+        fired = True
+        raise PreparationInterrupted("data preparation was stopped by SIGTERM before it finished; nothing half-"
+                                     "written was kept; rerun to prepare the data")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _read_manifest(out: Path) -> dict | None:
     try:
         return json.loads((out / "manifest.json").read_text())
@@ -120,8 +208,19 @@ def prepare(cfg: DataConfig, vocab_size: int, *, tokenizer: Tokenizer | None = N
 
     With `tokenizer` (a run's own, e.g. the parent's of a run started with init_from), the corpus is tokenized
     with it instead of a SentencePiece model trained on it. The corpus's own cache is reused when it was made
-    with that very tokenizer (a run continued on the corpus it was trained on)."""
-    docs = list(iter_documents(cfg))
+    with that very tokenizer (a run continued on the corpus it was trained on).
+
+    Invalid UTF-8 in the corpus is reported in one line (and recorded in the manifest's "utf8"); binary files
+    are refused (sources.py has the rule). See the module docstring for interruption and cleanup."""
+    with _sigterm_raises():
+        return _read_and_prepare(cfg, vocab_size, tokenizer, log)
+
+
+def _read_and_prepare(cfg: DataConfig, vocab_size: int, tokenizer: Tokenizer | None, log) -> Path:
+    utf8 = Utf8Report()
+    docs = list(iter_documents(cfg, utf8))
+    if utf8.line():
+        log(utf8.line())
     if not docs:
         raise DataError("the corpus holds no documents; check data.source and data.paths")
     h = hashlib.sha256()
@@ -136,11 +235,12 @@ def prepare(cfg: DataConfig, vocab_size: int, *, tokenizer: Tokenizer | None = N
         if not (own and own.get("source_hash") == source_hash and own["tokenizer"]["sha256"] == fp):
             out = data_dir_for(cfg, vocab_size, fp)
     with _cache_lock(out.parent):
-        return _prepare(cfg, vocab_size, out, texts, source_hash, tokenizer, log)
+        _remove_stale_temps(out.parent, log)
+        return _prepare(cfg, vocab_size, out, texts, source_hash, tokenizer, utf8, log)
 
 
 def _prepare(cfg: DataConfig, vocab_size: int, out: Path, texts: list[str], source_hash: str,
-             tokenizer: Tokenizer | None, log) -> Path:
+             tokenizer: Tokenizer | None, utf8: Utf8Report, log) -> Path:
     manifest = _read_manifest(out) if (out / "manifest.json").exists() else None
     if manifest and manifest.get("source_hash") == source_hash:
         missing = [s["file"] for sp in ("train", "val") for s in manifest["shards"][sp] if not (out / s["file"]).exists()]
@@ -160,9 +260,10 @@ def _prepare(cfg: DataConfig, vocab_size: int, out: Path, texts: list[str], sour
         raise DataError("the corpus needs at least two documents (one is held out for validation)")
 
     # Build in a temporary directory beside the target and swap it in, so a kill never leaves a
-    # half-written cache that looks complete.
+    # half-written cache that looks complete. Its name says who owns it, for _remove_stale_temps.
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{_host()}-{os.getpid()}-", dir=out.parent))
+    old = tmp.with_name(tmp.name + "_old")  # the replaced cache, under a name _remove_stale_temps knows
     try:
         if tokenizer is None:
             train_tokenizer(train_docs, vocab_size, tmp / "tokenizer.model", cfg.num_task_tokens,
@@ -189,15 +290,19 @@ def _prepare(cfg: DataConfig, vocab_size: int, out: Path, texts: list[str], sour
             "bytes": {"train": sum(len(d.encode("utf-8")) for d in train_docs), "val": len(val_text)},
             "tokens": {sp: sum(s["tokens"] for s in shards[sp]) for sp in shards},
             "shards": shards,
+            "utf8": utf8.as_dict(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():  # stopped mid-swap: put the previous cache back
+            os.replace(old, out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     log(f"data: {manifest['docs']['train']} train / {manifest['docs']['val']} val documents, "
         f"{manifest['tokens']['train']:,} / {manifest['tokens']['val']:,} tokens, prepared in {time.time() - t0:.1f}s "
         f"-> {out}")

@@ -246,9 +246,18 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_path: Path, num_task_
     specials = 3 + num_task_tokens + 256  # unk, eot, pad, task tokens, byte pieces
     if vocab_size < specials + 64:
         raise DataError(f"model.vocab_size={vocab_size} is too small; use at least {specials + 64}")
+    raised: list[BaseException] = []
+
+    def sentences():  # SentencePiece turns an exception in its iterator (SIGTERM, Ctrl-C) into a RuntimeError
+        try:
+            yield from _with_progress(_chunks(sample), used)
+        except BaseException as e:
+            raised.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_with_progress(_chunks(sample), used), model_writer=model, model_type="bpe",
+            sentence_iterator=sentences(), model_writer=model, model_type="bpe",
             vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9999,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=16384,
@@ -256,6 +265,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_path: Path, num_task_
             control_symbols=[f"<|task{i}|>" for i in range(num_task_tokens)],
             num_threads=os.cpu_count() or 1, input_sentence_size=0, minloglevel=2)
     except RuntimeError as e:
+        if raised:
+            raise raised[0] from None
         msg = str(e)
         if "Vocabulary size" in msg:
             raise DataError(f"the corpus is too small for model.vocab_size={vocab_size} ({msg.strip()}); "
