@@ -4,6 +4,7 @@ error's `exit_code`; anything else reaching a command is a bug and keeps its tra
   GptjaxError            what the user can fix; the message says how          exit 2
     ConfigError          a config, preset or override                          (config.py)
     DataError            a corpus, token cache or tokenizer                    (data/)
+      PreparationInterrupted  SIGTERM while preparing; nothing half-built kept  exit 143
     CheckpointError      a run directory or checkpoint                         (checkpoint.py)
     RunDirBusy           another live process is training into the run dir     (train/)
     TaskError            an evaluation task file or name                       (eval/)
