@@ -7,4 +7,5 @@ console script (gptjax-train ...) after pip install; both run the same code:
   sample    gptjax-sample    KV-cache sampling
   convert   gptjax-convert   Hugging Face GPT-2 import and export
   scaling   gptjax-scaling   scaling-law sweeps, fits, plots, predictions
+  plot      gptjax-plot      training curves of one or several runs
 """

@@ -41,7 +41,7 @@ from gptjax.heads import hidden_states, init_task_head, task_head_axes, task_log
 from gptjax.model import Params, abstract_params, dropout, init_params, logical_axes, vocab_mask
 from gptjax.optim import make_optimizer, schedule
 from gptjax.train import lineage as lineage_lib
-from gptjax.train import loop
+from gptjax.train import loop, tracking
 
 # ----------------------------------------------------------------------------------------------
 # The pure part: outputs and losses
@@ -329,6 +329,7 @@ def finetune(cfg: FinetuneConfig, *, devices=None, log=print) -> dict:
         log = lambda *a, **k: None  # noqa: E731
     run_dir = Path(cfg.run_dir)
     t_start = time.time()
+    tracking.require(cfg.log)  # a missing tracker package, before anything is prepared
     lock = distributed.process0_first(lambda: loop.RunDirLock(run_dir) if main else None, "lock the run directory")
     try:
         return _finetune(cfg, run_dir, main, t_start, devices, log)
@@ -421,7 +422,7 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
     key_metric = p.task.metrics[0]
     baseline = metrics_lib.baseline(p.task)
     per_epoch = max(1, math.ceil(len(p.train) / cfg.batch_size))
-    metrics_log = loop.MetricsLog(run_dir / "metrics.jsonl", main)
+    metrics_log = loop.MetricsLog(run_dir / "metrics.jsonl", main, cfg.log, cfg_dict)
     T = p.train.tokens.shape[-1]
     R = p.train.tokens.shape[1]
     log(f"fine-tuning {p.task.name} ({p.task.kind}{', regression' if p.task.regression else ''}): "
@@ -453,7 +454,9 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
                        tokens_per_step=cfg.batch_size * R * T, log_every=cfg.log_every,
                        checkpoint_every=cfg.checkpoint.every or cfg.eval_every or per_epoch,
                        eval_every=cfg.eval_every or per_epoch,
-                       evaluate=evaluate_state, config=cfg_dict)
+                       evaluate=evaluate_state, config=cfg_dict,
+                       profile_steps=range(cfg.profile.start_step, cfg.profile.start_step + cfg.profile.steps),
+                       profile_dir=run_dir / "profile")
     try:
         result = loop.run(stage, ckpts, metrics_log, fresh_state=lambda: c.init_state(start_params),
                           abstract_state=c.abstract_state, main=main, log=log)

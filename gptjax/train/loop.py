@@ -1,8 +1,9 @@
 """The one training loop. Every stage (pretraining, and the fine-tuning and RLHF stages to come) hands it a
 `Stage`: a jitted step function, a batch source that is a pure function of the step number (and the seed it
 closes over), and what to evaluate and when. The loop owns everything with side effects: the progress bar,
-metrics.jsonl, SIGTERM and its multi-process agreement, the non-finite guard, checkpoint cadence and exact
-resume. `RunDirLock` keeps a second live job out of a run directory.
+metrics.jsonl and the trackers beside it (tracking.py), SIGTERM and its multi-process agreement, the non-finite
+guard, checkpoint cadence, exact resume and the profiler trace. `RunDirLock` keeps a second live job out of a run
+directory.
 
 Order of work per step: dispatch step N, then fetch step N-1's metrics (so the host never waits on the
 device in the steady state), then decide whether to evaluate, save or stop after step N.
@@ -27,7 +28,9 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from gptjax.checkpoint import Checkpoints
+from gptjax.config import LogConfig
 from gptjax.errors import NonFiniteLoss, Preempted, RunDirBusy
+from gptjax.train import tracking
 
 State = dict[str, Any]
 FIRST_KEYS = ("loss", "lr", "grad_norm")  # metrics.jsonl's leading fields, in this order
@@ -48,6 +51,9 @@ class Stage:
     evaluate: Callable[[State], tuple[dict, str]] | None = None  # state -> (metrics record, one line to print)
     mfu: Callable[[float], float | None] = lambda tokens_per_s: None
     config: dict = field(default_factory=dict)  # stored with every checkpoint
+    # a jax.profiler trace of these steps (0-based: the update from state step s; metrics.jsonl's step s+1)
+    profile_steps: range = range(0)
+    profile_dir: Path | None = None
 
 
 @dataclass
@@ -59,20 +65,33 @@ class LoopResult:
 
 
 class MetricsLog:
-    """RUN_DIR/metrics.jsonl, appended to; process 0 alone writes. A line torn by a kill is closed first."""
+    """RUN_DIR/metrics.jsonl, appended to, and every record also to the trackers `log_cfg` turns on (TensorBoard,
+    W&B: tracking.py, given `config` to record); process 0 alone writes. A line torn by a kill is closed first. The
+    trackers open when the loop calls `begin(start)`; a missing tracker package is refused here, before anything
+    trains."""
 
-    def __init__(self, path: Path, main: bool):
+    def __init__(self, path: Path, main: bool, log_cfg: LogConfig | None = None, config: dict | None = None):
         torn = main and path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        self.trackers = tracking.Trackers(log_cfg, path.parent, config or {}) if main and log_cfg else None
         self.f = open(path, "a") if main else open(os.devnull, "w")
         if torn:
             self.f.write("\n")
 
-    def write(self, rec: dict) -> None:
+    def begin(self, start: int) -> None:
+        if self.trackers is not None:
+            self.trackers.open(start)
+
+    def write(self, rec: dict, group: str = "eval") -> None:
+        """group: the trackers' tag prefix; the loop's step records are "train", a stage's own records "eval"."""
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
+        if self.trackers is not None:
+            self.trackers.write(group, rec)
 
     def close(self) -> None:
         self.f.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 class RunDirLock:
@@ -112,6 +131,39 @@ class RunDirLock:
             self.fd = None
 
 
+class _Trace:
+    """A jax.profiler trace of the loop steps in `window` into `out` (TensorBoard's profile tab, or Perfetto). It
+    starts at the first step of the window this run reaches (none if a resumed run starts past it) and stops
+    once the window's last step is done on the device, or where the run ends."""
+
+    def __init__(self, window: range, out: Path | None, say: Callable[[str], None]):
+        self.window, self.out, self.say = window, out, say
+        self.first: int | None = None  # the step the trace started at, while it runs
+        self.last = -1
+
+    def at(self, step: int, state: State) -> None:
+        """Before loop step `step`."""
+        if self.first is None and step in self.window and self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.out), create_perfetto_trace=True)  # also a file ui.perfetto.dev opens
+            self.first = step
+        elif self.first is not None and step >= self.window.stop:
+            self.stop(state)
+        self.last = step
+
+    def stop(self, state: State | None) -> None:
+        """End the trace; with `state`, after the device has finished computing it (so the trace holds that work)."""
+        if self.first is None:
+            return
+        if state is not None:
+            jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        self.say(f"profile: traced steps {self.first}..{min(self.last, self.window.stop - 1)} into {self.out} "
+                 f"(tensorboard --logdir {self.out}: the Profile tab; or perfetto_trace.json.gz at ui.perfetto.dev)")
+        self.first = None
+        self.window = range(0)  # once per run
+
+
 class _Preemption:
     """SIGTERM sets a flag; with several processes, all agree on when to stop (the save is collective) although
     each gets its own signal, possibly steps apart: they compare flags every log_every steps."""
@@ -146,13 +198,15 @@ def run(stage: Stage, ckpts: Checkpoints, metrics: MetricsLog, *, fresh_state: C
     Raises NonFiniteLoss (nothing non-finite is ever saved; the last good checkpoint is named) and Preempted
     (after saving the step it stopped at)."""
     t_start = time.time()
-    if ckpts.latest_step() is not None:
+    resuming = ckpts.latest_step() is not None
+    if resuming:
         start, state = ckpts.restore(abstract_state())
         log(f"resuming from checkpoint at step {start}")
     else:
         start, state = 0, fresh_state()
-        if on_fresh_start is not None:
-            on_fresh_start(state)
+    metrics.begin(start)  # the trackers learn which steps this run rewrites
+    if not resuming and on_fresh_start is not None:
+        on_fresh_start(state)
 
     preemption = _Preemption(stage.log_every)
     bar = tqdm(total=stage.steps, initial=start, desc="training", unit="step", dynamic_ncols=True, disable=not main)
@@ -178,7 +232,7 @@ def run(stage: Stage, ckpts: Checkpoints, metrics: MetricsLog, *, fresh_state: C
         rec = {"step": step, **{k: m[k] for k in FIRST_KEYS if k in m},
                **{k: m[k] for k in sorted(m) if k not in FIRST_KEYS},
                "tokens_per_s": tps, "mfu": util, "time": now - t_start}
-        metrics.write(rec)
+        metrics.write(rec, group="train")
         if step - steps_done > start:  # the first interval includes compilation
             rates.append(tps)
         shown = {k: f"{m[k]:.3f}" if k == "loss" else f"{m[k]:.2e}" for k in ("loss", "lr") if k in m}
@@ -193,9 +247,11 @@ def run(stage: Stage, ckpts: Checkpoints, metrics: MetricsLog, *, fresh_state: C
         if ckpts.save(step, state, stage.config, force=force):
             last_good = step
 
+    trace = _Trace(stage.profile_steps, stage.profile_dir, bar.write if main else lambda _: None)
     t_loop = time.time()
     try:
         for step in range(start, stage.steps):
+            trace.at(step, state)
             state, metrics_dev = stage.step_fn(state, stage.batch(step))
             done = step + 1
             if pending is not None:
@@ -223,9 +279,11 @@ def run(stage: Stage, ckpts: Checkpoints, metrics: MetricsLog, *, fresh_state: C
                                     f"checkpoint at step {done} in {ckpts.dir}; rerun the same command to resume")
         if pending is not None:
             record(pending)
+        trace.stop(state)  # the run ended inside the window
         bar.close()
         ckpts.wait()
     finally:
+        trace.stop(None)  # after an exception the state may be donated: stop without waiting on it
         bar.close()
         ckpts.wait()  # never exit with a good checkpoint half-written
         preemption.restore()

@@ -26,7 +26,7 @@ from gptjax.eval.scoring import heldout
 from gptjax.generate import sample
 from gptjax.sharding import make_mesh
 from gptjax.train import lineage as lineage_lib
-from gptjax.train import loop
+from gptjax.train import loop, tracking
 from gptjax.train.steps import check_batch_fits_mesh, make_train_steps
 
 
@@ -108,6 +108,7 @@ def pretrain(cfg: TrainConfig, *, log=print) -> dict:
         log = lambda *a, **k: None  # noqa: E731
     run_dir = Path(cfg.run_dir)
     t_start = time.time()
+    tracking.require(cfg.log)  # a missing tracker package, before any data is prepared
     imported = weights_only_step(run_dir)
     if imported is not None:  # before any data preparation: a converted run has no optimizer state to resume
         raise CheckpointError(weights_only_message(run_dir, imported))
@@ -166,7 +167,7 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
         f"({mesh.devices.size} x {jax.devices()[0].platform}); run dir {run_dir}")
 
     peak = flops_lib.device_peak_flops()
-    metrics = loop.MetricsLog(run_dir / "metrics.jsonl", main)
+    metrics = loop.MetricsLog(run_dir / "metrics.jsonl", main, cfg.log, cfg_dict)
 
     def evaluate(state) -> tuple[dict, str]:
         ev = heldout(steps, state["params"], td, max_batches=cfg.eval_batches)
@@ -190,7 +191,9 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
                        batch=lambda step: batch_for_step(td, cfg, step, steps.batch_sharding),
                        all_finite=steps.all_finite, tokens_per_step=cfg.tokens_per_step, log_every=cfg.log_every,
                        checkpoint_every=cfg.checkpoint.every, eval_every=cfg.eval_every, evaluate=evaluate,
-                       mfu=lambda tps: flops_lib.mfu(tps, cfg.model, mesh.devices.size, peak), config=cfg_dict)
+                       mfu=lambda tps: flops_lib.mfu(tps, cfg.model, mesh.devices.size, peak), config=cfg_dict,
+                       profile_steps=range(cfg.profile.start_step, cfg.profile.start_step + cfg.profile.steps),
+                       profile_dir=run_dir / "profile")
     try:
         result = loop.run(stage, ckpts, metrics, fresh_state=fresh_state, abstract_state=steps.abstract_state,
                           on_fresh_start=on_fresh_start, main=main, log=log)
