@@ -10,13 +10,25 @@ own detection anyway (e.g. Kubernetes), `--distributed off` never starts it.
 
 `initialize` must run before anything touches the JAX backend (jax.devices(), a jit, an array): the
 device list of every process is exchanged when the backend starts.
+
+A process that dies (SIGKILL, a lost host) would leave the others waiting in a collective until JAX's own
+heartbeat timeout aborts them with a page of C++ log. `Watchdog` bounds that: every process stops within
+`--heartbeat-timeout` seconds (default 60) of a peer's last heartbeat, with one line naming it. Process 0's
+own death is beyond it: it hosts JAX's coordination service, and JAX stops the others within a second, in
+its own words.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import inspect
+import math
 import os
-from typing import Mapping
+import sys
+import threading
+import time
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -24,10 +36,13 @@ import numpy as np
 from gptjax.config import ConfigError
 
 ENV = {"coordinator": "GPTJAX_COORDINATOR", "num_processes": "GPTJAX_NUM_PROCESSES",
-       "process_id": "GPTJAX_PROCESS_ID", "mode": "GPTJAX_DISTRIBUTED"}
+       "process_id": "GPTJAX_PROCESS_ID", "mode": "GPTJAX_DISTRIBUTED",
+       "heartbeat_timeout": "GPTJAX_HEARTBEAT_TIMEOUT"}
 MODES = ("auto", "on", "off")
 # the variables JAX's SLURM detection reads; srun sets all of them inside a job step
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+HEARTBEAT_TIMEOUT_S = 60.0
+LOST_PEER_EXIT = 1  # the exit code of a process stopped because a peer died
 
 
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +56,9 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed", choices=MODES, default=None,
                    help="auto (default): flags, then environment, then SLURM / Open MPI / Cloud TPU; "
                         f"on: always ask JAX to detect the cluster; off: one process (env {ENV['mode']})")
+    g.add_argument("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"stop every process this long after one stops responding (default {HEARTBEAT_TIMEOUT_S:g}; "
+                        f"0: leave it to JAX's own, slower timeout) (env {ENV['heartbeat_timeout']})")
 
 
 def _int(value, what: str) -> int | None:
@@ -116,12 +134,34 @@ def process_plan(args, env: Mapping[str, str] | None = None, *, on_tpu_vm: bool 
     return {} if cluster else None
 
 
+def heartbeat_timeout(args, env: Mapping[str, str] | None = None) -> float:
+    """Seconds without a heartbeat after which a peer counts as dead (0: no watchdog); flag, then environment."""
+    env = os.environ if env is None else env
+    raw, where = getattr(args, "heartbeat_timeout", None), "--heartbeat-timeout"
+    if raw is None:
+        raw, where = env.get(ENV["heartbeat_timeout"]) or None, ENV["heartbeat_timeout"]
+    if raw is None:
+        return HEARTBEAT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or (value != 0 and value < 1):
+        raise ConfigError(f"{where} must be at least 1 second (or 0 to leave it to JAX), got {raw!r}")
+    return value
+
+
 def initialize(args) -> None:
-    """Start JAX's distributed runtime if this process is one of several (see the module docstring);
-    a plain single-process run returns at once. Call before anything touches the JAX backend."""
+    """Start JAX's distributed runtime if this process is one of several (see the module docstring), and the
+    watchdog that stops every process when one dies; a plain single-process run returns at once. Call before
+    anything touches the JAX backend."""
     kwargs = process_plan(args)
     if kwargs is None or jax.distributed.is_initialized():
         return
+    timeout = heartbeat_timeout(args)
+    if timeout and "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        # JAX's own detection stays as the backstop, late enough that ours (with its one line) comes first
+        kwargs = {**kwargs, "heartbeat_timeout_seconds": math.ceil(2 * timeout) + 10}
     # CPU processes exchange data through a collectives library: gloo, built into jaxlib and already the
     # default in jax 0.10; where a version defaults to "none", multi-process CPU runs would fail without it.
     try:
@@ -136,6 +176,166 @@ def initialize(args) -> None:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"could not start the multi-process run (coordinator {where}): {msg}; check that every "
                           f"process runs the same command with the same coordinator and process count") from e
+    from jax._src import distributed as jax_distributed
+
+    state, client = jax_distributed.global_state, _client()
+    if timeout and client is not None and state.num_processes > 1:
+        Watchdog(client, state.process_id, state.num_processes, timeout).start()
+
+
+# ----------------------------------------------------------------------------------------------
+# The watchdog: a dead process stops the others in bounded time, with one line.
+
+_BEATS, _VERDICT, _EXITING = "gptjax/heartbeat", "gptjax/lost", "exiting"
+_watchdog: Watchdog | None = None
+_resume_hint: Callable[[], str] | None = None
+
+
+def set_resume_hint(fn: Callable[[], str | None] | None) -> None:
+    """What the lost-peer line says about resuming, e.g. lambda: "the last complete checkpoint (step 200) in
+    runs/x is intact" (None: the generic words). Called from the watchdog's thread while the main thread may be
+    stuck: list files, take no lock."""
+    global _resume_hint
+    _resume_hint = fn
+
+
+class Watchdog:
+    """Every process's daemon thread writes a counter into the coordination service's key-value store every
+    `interval`; process 0's thread reads them all, and when one has not changed for `timeout` seconds it hands
+    a verdict to each of the others, which are waiting on it; every live process prints the one line and exits.
+    The beat comes from a thread, not the training loop, so long compiles and checkpoint saves do not look like
+    a death; a peer that has begun exiting is not judged, so finishing steps apart is no death either.
+    O(processes) requests per interval in all: process 0 reads every beat, each other process its own verdict."""
+
+    def __init__(self, client, me: int, n: int, timeout: float):
+        self.client, self.me, self.n, self.timeout = client, me, n, timeout
+        self.interval = min(max(timeout / 6, 0.2), 10.0)
+        self.seq, self.exiting, self.done = 0, False, threading.Event()
+        self.seen: dict[int, tuple[str | None, float]] = {}  # peer -> (its beat, when we saw it change)
+        self.last_look = None
+        self.thread = threading.Thread(target=self._run, name="gptjax-watchdog", daemon=True)
+
+    def start(self) -> None:
+        global _watchdog
+        _watchdog = self
+        self.beat()
+        self.thread.start()
+        # atexit is last-in first-out: this runs before JAX's shutdown. The thread must be joined by then: a
+        # daemon thread still inside a JAX call when the interpreter finalizes aborts the process
+        # ("FATAL: exception not rethrown").
+        atexit.register(self._at_exit)
+        previous = sys.excepthook
+
+        def hook(tp, value, tb):
+            if issubclass(tp, Exception):
+                self.settle()  # a collective that failed because a peer died: the verdict, not a traceback
+            previous(tp, value, tb)
+        sys.excepthook = hook
+
+    def beat(self) -> None:
+        self.seq += 1
+        self.client.key_value_set(f"{_BEATS}/{self.me}", _EXITING if self.exiting else str(self.seq),
+                                  allow_overwrite=True)
+
+    def beats(self) -> dict[int, str]:
+        return {int(k.rsplit("/", 1)[1]): v for k, v in self.client.key_value_dir_get(_BEATS + "/")}
+
+    def lost(self) -> list[int]:
+        """The peers whose beat has not changed for `timeout` seconds of our watching."""
+        now, values = time.monotonic(), self.beats()
+        if self.last_look is None or now - self.last_look > 3 * self.interval:
+            self.seen.clear()  # we were not watching (our own thread starved): judge from now on
+        self.last_look = now
+        out = []
+        for i in range(self.n):
+            v = values.get(i)  # None: no beat yet
+            if i == self.me or v == _EXITING:
+                continue
+            if i not in self.seen or self.seen[i][0] != v:
+                self.seen[i] = (v, now)
+            elif now - self.seen[i][1] > self.timeout:
+                out.append(i)
+        return out
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            t = time.monotonic()
+            try:
+                self.beat()
+                if self.me == 0:
+                    lost = self.lost()
+                    if lost:
+                        self._verdict(lost)
+                else:
+                    line = self.client.blocking_key_value_get(f"{_VERDICT}/{self.me}", int(self.interval * 1000))
+                    if self.done.is_set():
+                        return
+                    self.stop(line)
+            except Exception:  # no verdict yet, or a failed request: JAX itself handles a lost coordinator
+                self.last_look = None  # (process 0) a gap in what we saw is no evidence of a death
+            self.done.wait(max(0.0, self.interval - (time.monotonic() - t)))
+
+    def _verdict(self, lost: list[int]) -> None:
+        who = f"process {lost[0]}" if len(lost) == 1 else f"processes {', '.join(map(str, lost))}"
+        hint = _call_briefly(_resume_hint) if _resume_hint else None
+        then = (f"{hint[:1].upper()}{hint[1:]}; restart all processes with the same command to resume" if hint else
+                "Restart all processes with the same command to resume from the last complete checkpoint")
+        line = f"error: {who} of {self.n} stopped responding (no heartbeat for {self.timeout:g} s); stopping. {then}"
+        alive = [i for i in range(1, self.n) if i not in lost]
+        try:
+            for i in alive:
+                self.client.key_value_set(f"{_VERDICT}/{i}", line, allow_overwrite=True)
+            if alive:
+                time.sleep(1.0)  # the others stop first: once process 0 is gone JAX aborts them noisily
+        except Exception:
+            pass
+        self.stop(line)
+
+    def stop(self, line: str) -> None:
+        """Print the line and end the process now: the main thread may be stuck in a collective for good."""
+        _call_briefly(lambda: (sys.stdout.flush(), sys.stderr.flush()))
+        os.write(2, f"\n{line}\n".encode())
+        os._exit(LOST_PEER_EXIT)
+
+    def settle(self) -> None:
+        """Wait until every peer is seen beating again (return), or until process 0's verdict ends this process;
+        at most the time a verdict takes."""
+        deadline = time.monotonic() + self.timeout + 3 * self.interval + 2
+        try:
+            first = self.beats()
+            while time.monotonic() < deadline:
+                time.sleep(self.interval)
+                now = self.beats()
+                if all(now.get(i) == _EXITING or now.get(i) != first.get(i) for i in range(self.n) if i != self.me):
+                    return
+        except Exception:
+            return
+
+    def _at_exit(self) -> None:
+        """Stop the thread, then say we are exiting: no peer judges us while we wait at JAX's shutdown."""
+        self.exiting = True
+        self.done.set()
+        try:
+            if self.me:
+                self.client.key_value_set(f"{_VERDICT}/{self.me}", "", allow_overwrite=True)  # wakes our thread
+        except Exception:
+            pass
+        if self.thread.is_alive():
+            self.thread.join(5)
+        try:
+            self.beat()  # after the join: a beat of the thread's in flight must not overwrite this one
+        except Exception:
+            pass
+
+
+def _call_briefly(fn, seconds: float = 2.0):
+    """fn() from a helper thread, or None if it fails or takes longer (it may wait on a lock the stuck main
+    thread holds)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    return out[0] if out else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +375,8 @@ def barrier(name: str, timeout_s: float = 3600) -> None:
         else:
             client.wait_at_barrier(key, int(timeout_s * 1000))
     except Exception as e:
+        if _watchdog is not None:
+            _watchdog.settle()  # a dead peer: its verdict rather than this message
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ConfigError(f"process {jax.process_index()} waited for the others at '{name}' in vain ({first}); "
                           f"another process probably stopped with an error: see process 0's output") from None

@@ -39,13 +39,14 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     return proc
 
 
-def launch(args: list[str], logs: Path, devices: int = 4, processes: int = 2) -> list[subprocess.Popen]:
+def launch(args: list[str], logs: Path, devices: int = 4, processes: int = 2,
+           extra_env: dict | None = None) -> list[subprocess.Popen]:
     """`processes` copies of one train.py command on the loopback address: process 0 learns its place from
-    flags, the others from the environment. Their output goes to logs/p<i>.log."""
+    flags, the others from the environment. Every one also gets `extra_env`. Output goes to logs/p<i>.log."""
     port = free_port()
     procs = []
     for i in range(processes):
-        env, cmd = subprocess_env(devices), ["train.py", *args]
+        env, cmd = subprocess_env(devices) | (extra_env or {}), ["train.py", *args]
         if i == 0:
             cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", "0"]
         else:
@@ -269,3 +270,95 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path, tiny_overr
     assert len(stopped) == 1 and stopped[0] % 2 == 0 and 4 <= stopped[0] < 5000, stopped
     assert max(read_losses(run)) == stopped[0]
     assert f"saved a checkpoint at step {stopped[0]}" in results[0][1]
+
+
+HEARTBEAT_S = 4  # the detection time under test, lowered from the default
+
+
+def test_a_killed_process_stops_the_others_with_one_line_naming_it(tmp_path, tiny_overrides, prepared):
+    """SIGKILL leaves process 1 no chance to say anything: process 0 must notice by itself and stop within the
+    heartbeat timeout (not at JAX's own, much later one) with one line naming process 1, and the checkpoint a
+    restart resumes from (the latest complete one) must restore. Restored here, in one process: a rerun of
+    both would cost twice the test."""
+    import signal
+    import time
+
+    from gptjax.checkpoint import Checkpoints
+    from gptjax.train.steps import make_train_steps
+
+    run = tmp_path / "run"
+    procs = launch(["--config", "tiny", *tiny_overrides, "mesh.data=2", "steps=5000", "checkpoint.every=2",
+                    f"run_dir={run}"], tmp_path, devices=1, extra_env={"GPTJAX_HEARTBEAT_TIMEOUT": str(HEARTBEAT_S)})
+    try:
+        deadline = time.time() + 120
+        while not finished_steps(run):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].log.read_text()[-3000:]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=60)  # without the watchdog: a traceback, then JAX's abort 100 s later
+    finally:
+        (rc, out), _ = finish(procs, timeout=10)
+    assert rc == distributed.LOST_PEER_EXIT, out[-3000:]
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"error: process 1 of 2 stopped responding (no heartbeat for "
+                                                     f"{HEARTBEAT_S} s); stopping."), out[-3000:]
+    assert "restart all processes with the same command" in errors[0].lower() and "Traceback" not in out
+    saved = finished_steps(run)
+    assert saved and saved[-1] < 5000
+    cfg = config.load_json(run / "config.json")
+    trainer = make_train_steps(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
+    ck = Checkpoints(run, read_only=True)
+    step, state = ck.restore(trainer.abstract_state())
+    ck.close()
+    assert step == saved[-1] == int(state["step"])
+
+
+class FakeKV:
+    """The coordination service's key-value store, as far as the watchdog uses it."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self.kv[key] = value
+
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+
+def test_the_watchdog_judges_only_a_peer_whose_heartbeat_stops(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: clock["t"])
+    kv = FakeKV()
+    dog, peers = distributed.Watchdog(kv, 0, 3, timeout=6), [distributed.Watchdog(kv, i, 3, timeout=6) for i in (1, 2)]
+
+    def tick(seconds, beating=(1, 2)):
+        for _ in range(int(seconds / dog.interval)):
+            clock["t"] += dog.interval
+            for p in peers:
+                if p.me in beating:
+                    p.beat()
+            dog.beat()
+            lost = dog.lost()
+        return lost
+
+    assert tick(60) == []  # beating peers are never lost, however long the run
+    assert tick(5, beating=(2,)) == []  # silent for less than the timeout
+    assert tick(2, beating=(2,)) == [1]
+    peers[0].beat()
+    assert tick(1) == []  # back: no longer lost
+    # a gap in process 0's own watching (its thread starved) is no evidence: judged from then on
+    clock["t"] += 100
+    assert dog.lost() == [] and tick(5, beating=(2,)) == []
+    # a peer that has begun exiting is waiting for the others at JAX's shutdown: never lost
+    peers[1]._at_exit()
+    assert tick(20, beating=()) == [1]
+
+
+def test_heartbeat_timeout_comes_from_flag_then_environment():
+    assert distributed.heartbeat_timeout(flags(), {}) == distributed.HEARTBEAT_TIMEOUT_S
+    assert distributed.heartbeat_timeout(flags(), {"GPTJAX_HEARTBEAT_TIMEOUT": "5"}) == 5
+    assert distributed.heartbeat_timeout(flags("--heartbeat-timeout", "0"), {"GPTJAX_HEARTBEAT_TIMEOUT": "5"}) == 0
+    for raw in ("0.5", "-3", "soon"):
+        with pytest.raises(ConfigError, match="GPTJAX_HEARTBEAT_TIMEOUT must be"):
+            distributed.heartbeat_timeout(flags(), {"GPTJAX_HEARTBEAT_TIMEOUT": raw})

@@ -27,7 +27,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from gptjax.checkpoint import Checkpoints
+from gptjax import distributed
+from gptjax.checkpoint import Checkpoints, complete_steps
 from gptjax.config import LogConfig
 from gptjax.errors import NonFiniteLoss, Preempted, RunDirBusy
 from gptjax.train import tracking
@@ -198,6 +199,12 @@ def run(stage: Stage, ckpts: Checkpoints, metrics: MetricsLog, *, fresh_state: C
     Raises NonFiniteLoss (nothing non-finite is ever saved; the last good checkpoint is named) and Preempted
     (after saving the step it stopped at)."""
     t_start = time.time()
+
+    def intact() -> str | None:  # for the line a lost peer ends the run with (a directory listing: no lock taken)
+        s = complete_steps(ckpts.dir)
+        return f"the last complete checkpoint (step {s[-1]}) in {ckpts.dir} is intact" if s else None
+
+    distributed.set_resume_hint(intact)
     resuming = ckpts.latest_step() is not None
     if resuming:
         start, state = ckpts.restore(abstract_state())
