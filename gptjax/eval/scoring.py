@@ -88,12 +88,13 @@ def load_run(run_dir, step: int | None = None, overrides: Sequence[str] = ()) ->
     from gptjax.sharding import make_mesh
     from gptjax.train.steps import make_train_steps
 
-    ckpts, step, stored = open_step(run_dir, step)
+    ckpts, _, stored = open_step(run_dir, step)
     stored = config_lib.stored_train_config(stored)
     cfg = config_lib.apply_overrides(stored, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"] + list(overrides))
     mesh = make_mesh(cfg.mesh)
     trainer = make_train_steps(cfg, mesh)
-    _, state = ckpts.restore(trainer.abstract_state(), step, params_only=True)
+    # step=None: the latest readable checkpoint (an unreadable latest one is reported and passed over)
+    step, state = ckpts.restore(trainer.abstract_state(), step, params_only=True)
     tok = data_lib.load_tokenizer(run_dir)
     if tok.vocab_size > cfg.model.vocab_size:
         raise DataError(f"the tokenizer in {run_dir} has {tok.vocab_size} tokens but the model only "
