@@ -533,13 +533,25 @@ def adopt_parent_model(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return child
 
 
-def save_json(cfg, path: Path, **records) -> None:
-    """The resolved config as JSON, with record-only entries beside it (e.g. lineage=[...]). Written whole and
-    renamed into place, so another process never reads half of it."""
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file whole and rename it into place: a kill or a full disk leaves the old file or the new one,
+    never half of one (another process never reads half of it either)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**to_dict(cfg), **records}, indent=2) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_json(cfg, path: Path, **records) -> None:
+    """The resolved config as JSON, with record-only entries beside it (e.g. lineage=[...]), written atomically."""
+    write_json(path, {**to_dict(cfg), **records})
 
 
 def load_json(path: Path) -> TrainConfig:

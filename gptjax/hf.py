@@ -421,6 +421,7 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None 
     from gptjax.model import abstract_params
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    asked = step
     ckpts, step, stored = open_step(run_dir, step, log=log)
     cfg = config_lib.stored_train_config(stored).model
     hf_config(cfg)  # refuse a non-GPT-2 architecture before reading any weights
@@ -428,7 +429,7 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None 
     dev = jax.devices()[0]
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(dev)),
                           abstract_params(cfg))
-    _, state = ckpts.restore({"params": target}, step, params_only=True)
+    step, state = ckpts.restore({"params": target}, asked, params_only=True)  # None: the latest readable one
     ckpts.close()
     params = jax.tree.map(np.asarray, state["params"])
 

@@ -15,6 +15,7 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 from tqdm.auto import tqdm
 
+from gptjax.config import write_atomic
 from gptjax.errors import DataError
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
@@ -289,4 +290,4 @@ def install(tok: Tokenizer, run_dir: Path) -> None:
             old.unlink()
     for f in tok.files:
         if Path(f).absolute() != (run_dir / Path(f).name).absolute():
-            (run_dir / Path(f).name).write_bytes(Path(f).read_bytes())
+            write_atomic(run_dir / Path(f).name, Path(f).read_bytes())  # a kill never leaves half a tokenizer

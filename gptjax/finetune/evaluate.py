@@ -35,6 +35,7 @@ def evaluate_run(run_dir, *, step: int | None = None, val_files=(), devices=None
     best = run_dir / "best" / "checkpoints"
     has_best = best.is_dir() and any(p.name.isdigit() for p in best.iterdir())
     sub = "best" if step is None and has_best else "."
+    asked = step
     ckpts, step, _ = open_step(run_dir / sub, step, log=log)
     results, params = {}, None
     for val in list(val_files) or [None]:
@@ -45,7 +46,8 @@ def evaluate_run(run_dir, *, step: int | None = None, val_files=(), devices=None
         if params is None:
             shapes, shardings = ft.param_shardings(p.mcfg, p.task.num_outputs, p.mesh, c.mesh.rules)
             target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-            _, state = ckpts.restore({"params": target}, step, params_only=True)
+            # asked=None: the latest readable checkpoint (an unreadable latest one is reported and passed over)
+            step, state = ckpts.restore({"params": target}, asked, params_only=True)
             params = state["params"]
         name = str(val) if val else f"{p.task.name} (validation split)"
         results[name] = ft.evaluate(p, compiled, params)

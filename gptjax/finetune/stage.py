@@ -370,12 +370,6 @@ def check_run_dir(cfg: FinetuneConfig, run_dir: Path, log) -> bool:
     return True
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> dict:
     import shutil
 
@@ -408,7 +402,7 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
             best_path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         config_lib.save_json(cfg, run_dir / "config.json", lineage=run_lineage, stage="finetune")
-        _write_json(info_path, finetune_info(p, saved["parent_model"] if resuming else None,
+        config_lib.write_json(info_path, finetune_info(p, saved["parent_model"] if resuming else None,
                                              saved["data"] if resuming else None))
         if not resuming:
             install(p.parent.tokenizer, run_dir)
@@ -441,7 +435,7 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
             if step not in best_ckpts.all_steps():
                 best_ckpts.save_params(step, state["params"], cfg_dict)
             if main:
-                _write_json(best_path, best)
+                config_lib.write_json(best_path, best)
         return ({f"val_{k}": v for k, v in m.items()},
                 ", ".join(f"val {k} {m[k]:.4f}" for k in p.task.metrics) + f" (best {best['value']:.4f} @ {best['step']})")
 
@@ -473,7 +467,7 @@ def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> d
                "tokens_per_s": float(np.median(result.tokens_per_s)) if result.tokens_per_s else None,
                "lineage": run_lineage}
     if main:
-        _write_json(run_dir / "summary.json", summary)
+        config_lib.write_json(run_dir / "summary.json", summary)
     ckpts.close()
     best_ckpts.close()
     return summary

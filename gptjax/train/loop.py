@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from gptjax import distributed
 from gptjax.checkpoint import Checkpoints, complete_steps
 from gptjax.config import LogConfig
-from gptjax.errors import NonFiniteLoss, Preempted, RunDirBusy
+from gptjax.errors import CheckpointError, NonFiniteLoss, Preempted, RunDirBusy
 from gptjax.train import tracking
 
 State = dict[str, Any]
@@ -73,6 +73,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, main: bool, log_cfg: LogConfig | None = None, config: dict | None = None):
         torn = main and path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        self.path = path
         self.trackers = tracking.Trackers(log_cfg, path.parent, config or {}) if main and log_cfg else None
         self.f = open(path, "a") if main else open(os.devnull, "w")
         if torn:
@@ -84,8 +85,12 @@ class MetricsLog:
 
     def write(self, rec: dict, group: str = "eval") -> None:
         """group: the trackers' tag prefix; the loop's step records are "train", a stage's own records "eval"."""
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+        except OSError as e:  # a full disk, a lost mount: stop with one line; the checkpoints are untouched
+            raise CheckpointError(f"writing {self.path} failed: {e.strerror or e}; free space there and rerun the same "
+                                  f"command to resume from the last complete checkpoint") from None
         if self.trackers is not None:
             self.trackers.write(group, rec)
 

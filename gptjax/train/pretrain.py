@@ -156,7 +156,7 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
     if main:
         config_lib.save_json(cfg, run_dir / "config.json", **({"lineage": run_lineage} if run_lineage else {}))
         data_lib.install(td.tokenizer, run_dir)  # the run's own copy of its tokenizer
-        (run_dir / "data.json").write_text(json.dumps({"data_dir": str(data_dir.absolute())}, indent=2) + "\n")
+        config_lib.write_json(run_dir / "data.json", {"data_dir": str(data_dir.absolute())})
 
     ckpts = Checkpoints(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, log=log)
     cfg_dict = {**config_lib.to_dict(cfg), **({"lineage": run_lineage} if run_lineage else {})}
@@ -227,7 +227,7 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
     if run_lineage:
         summary["lineage"] = run_lineage
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        config_lib.write_json(run_dir / "summary.json", summary)
     ckpts.close()
     metrics.close()
     return summary
