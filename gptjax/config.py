@@ -55,6 +55,7 @@ class ModelConfig:
     remat: str = "none"
     dtype: str = "float32"  # compute dtype; parameters and loss stay float32
     param_dtype: str = "float32"
+    loss_chunk: int = 0  # >0: output layer + loss over this many positions at a time (never all [B, T, V] logits)
 
     @property
     def ff_dim(self) -> int:
@@ -369,6 +370,7 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     for k in ("vocab_size", "vocab_multiple", "block_size", "n_layer", "n_head", "d_model"):
         need(getattr(m, k) > 0, f"model.{k} must be positive, got {getattr(m, k)}")
     need(m.d_ff >= 0, f"model.d_ff must be >= 0 (0: 4 * d_model), got {m.d_ff}")
+    need(m.loss_chunk >= 0, f"model.loss_chunk must be >= 0 (0: the whole sequence at once), got {m.loss_chunk}")
     need(m.d_model % m.n_head == 0,
          f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}; pick heads that divide it")
     need(m.norm in ("pre", "post"), f"model.norm must be 'pre' or 'post', got '{m.norm}'")
@@ -465,8 +467,8 @@ def resolve(preset: str = "tiny", overrides: list[str] | None = None) -> TrainCo
 
 # Model fields a run started with init_from may set differently from its parent: they change how the same
 # parameters are computed with (or regularised), not what they are. Every other field comes from the parent.
-INHERIT_MAY_CHANGE = ("name", "scan_layers", "remat", "attention_impl", "dtype", "embd_pdrop", "attn_pdrop",
-                      "resid_pdrop")
+INHERIT_MAY_CHANGE = ("name", "scan_layers", "remat", "attention_impl", "dtype", "loss_chunk", "embd_pdrop",
+                      "attn_pdrop", "resid_pdrop")
 
 
 def split_init_from(spec: str) -> tuple[str, int | None]:

@@ -236,14 +236,19 @@ def unembed(cfg: ModelConfig, params: Params, x_BTD: jax.Array) -> jax.Array:
 def forward(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
             dropout_key: jax.Array | None = None) -> jax.Array:
     """Logits [B, T, V] in float32 (V padded; see `vocab_mask`). Dropout is on iff a key is given."""
+    return unembed(cfg, params, hidden(cfg, params, tokens_BT, dropout_key=dropout_key))
+
+
+def hidden(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
+           dropout_key: jax.Array | None = None) -> jax.Array:
+    """The last block's output [B, T, D] (before ln_f): what `unembed` turns into logits."""
     T = tokens_BT.shape[1]
     if T > cfg.block_size:
         raise ValueError(f"sequence of {T} tokens exceeds the context of {cfg.block_size}")
     k_emb, k_layers = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     keys_L = None if k_layers is None else jax.random.split(k_layers, cfg.n_layer)
     x_BTD = embed(cfg, params, tokens_BT, dropout_key=k_emb)
-    x_BTD = run_blocks(cfg, params["h"], x_BTD, keys_L)
-    return unembed(cfg, params, x_BTD)
+    return run_blocks(cfg, params["h"], x_BTD, keys_L)
 
 
 def vocab_mask(cfg: ModelConfig) -> jax.Array:

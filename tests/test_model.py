@@ -246,6 +246,40 @@ def test_padded_vocabulary_rows_are_inert():
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradient(chunk):
+    cfg = REMAT_BASE
+    assert cfg.block_size % chunk == 0 and chunk < cfg.block_size
+    loss0, grads0 = loss_and_grads(cfg)
+    loss, grads = loss_and_grads(dataclasses.replace(cfg, loss_chunk=chunk))
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+        np.testing.assert_allclose(g, g0, atol=1e-6, rtol=1e-5)
+    g_wte = np.asarray(grads["wte"]["embedding"])
+    assert (g_wte[cfg.vocab_size:] == 0).all()  # padded vocabulary rows still get no gradient
+    # per-token nats too (what evaluation sums), and a chunk that does not divide T falls back to the plain path
+    toks = tokens(cfg, T=cfg.block_size + 1)
+    plain = train_steps.token_nats(cfg, params_for(cfg), toks)
+    for c in (chunk, 5):
+        np.testing.assert_allclose(train_steps.token_nats(dataclasses.replace(cfg, loss_chunk=c), params_for(cfg), toks),
+                                   plain, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_loss_never_holds_the_whole_logits():
+    cfg = dataclasses.replace(REMAT_BASE, vocab_size=4000, vocab_multiple=128, block_size=64)
+    toks = tokens(cfg, T=cfg.block_size + 1)
+
+    def temp_bytes(c):
+        c_cfg = dataclasses.replace(cfg, loss_chunk=c)
+        f = jax.jit(jax.value_and_grad(lambda p, t: train_steps.loss_fn(c_cfg, p, t)))
+        return f.lower(params_for(cfg), toks).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = toks.shape[0] * cfg.block_size * cfg.padded_vocab * 4
+    plain, chunked = temp_bytes(0), temp_bytes(8)
+    assert plain >= logits_bytes  # the whole float32 logits live in the plain step
+    assert chunked < plain - logits_bytes / 2
+
+
 def test_bfloat16_compute_stays_close_to_float32():
     cfg = REMAT_BASE
     bf = dataclasses.replace(cfg, dtype="bfloat16")

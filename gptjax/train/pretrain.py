@@ -53,7 +53,7 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, log=print) -> None:
     new = config_lib.to_dict(cfg)
     model_diff = _changed_keys(old.get("model", {}), new["model"], "model.")
     # fields that change the computation but not the parameters are fine to change on resume
-    harmless = ("model.scan_layers", "model.remat", "model.attention_impl", "model.dtype")
+    harmless = ("model.scan_layers", "model.remat", "model.attention_impl", "model.dtype", "model.loss_chunk")
     model_diff = [d for d in model_diff if not d.startswith(harmless)]
     if model_diff:
         raise ConfigError(f"{run_dir} holds a run of a different model ({'; '.join(model_diff[:3])}); "

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gptjax import sharding
 from gptjax.config import TrainConfig
 from gptjax.errors import ConfigError
-from gptjax.model import Params, abstract_params, forward, init_params, logical_axes, vocab_mask
+from gptjax.model import Params, abstract_params, hidden, init_params, logical_axes, unembed, vocab_mask
 from gptjax.optim import make_optimizer, schedule
 
 State = dict[str, Any]
@@ -26,11 +26,31 @@ State = dict[str, Any]
 
 def token_nats(cfg, params: Params, tokens_BT1: jax.Array, dropout_key=None) -> jax.Array:
     """Per-token negative log-likelihood [B, T] in float32 of tokens[:, 1:] given the prefix."""
-    logits_BTV = forward(cfg, params, tokens_BT1[:, :-1], dropout_key=dropout_key) + vocab_mask(cfg)
-    targets_BT = tokens_BT1[:, 1:]
-    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return logz_BT - target_logit_BT
+    x_BTD = hidden(cfg, params, tokens_BT1[:, :-1], dropout_key=dropout_key)
+    return output_nats(cfg, params, x_BTD, tokens_BT1[:, 1:])
+
+
+def output_nats(cfg, params: Params, x_BTD: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """-log p(target) [B, T] from the last hidden states. The float32 logits [B, T, V] are the largest tensor of
+    a step; with model.loss_chunk = C (dividing T) the output layer and log-softmax run C positions at a time
+    under jax.checkpoint, so they never exist whole, in the forward pass or (recomputed chunk by chunk) in the
+    backward pass. Same numbers either way."""
+    mask_V = vocab_mask(cfg)
+
+    def nats(x_BCD, t_BC):
+        logits_BCV = unembed(cfg, params, x_BCD) + mask_V
+        logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        return logz_BC - jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+
+    B, T, D = x_BTD.shape
+    C = cfg.loss_chunk
+    if not C or C >= T or T % C:
+        return nats(x_BTD, targets_BT)
+    n = T // C
+    x_nBCD = x_BTD.reshape(B, n, C, D).swapaxes(0, 1)
+    t_nBC = targets_BT.reshape(B, n, C).swapaxes(0, 1)
+    nats_nBC = jax.lax.map(jax.checkpoint(lambda xt: nats(*xt)), (x_nBCD, t_nBC))
+    return nats_nBC.swapaxes(0, 1).reshape(B, T)
 
 
 def loss_fn(cfg, params: Params, tokens_BT1: jax.Array, dropout_key=None) -> jax.Array:

@@ -1,0 +1,36 @@
+"""The GPU benchmark script must run on the first try on a fresh GPU machine, so its whole path runs here on
+the CPU at toy sizes: every section produces numbers and the one JSON it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, subprocess_env
+
+
+def test_gpu_benchmark_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--out", str(out)],
+                          env=subprocess_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["tiny"] and res["backend"] == "cpu"
+    s = res["sections"]
+    for preset in ("gpt2-small", "gpt2-medium"):
+        r = s["train"][preset]
+        assert r["tokens_per_s"] > 0 and r["batch_size"] == 4, r
+    att = s["attention"]
+    assert att["ok"], att
+    rows = att["result"]
+    # cuDNN is not on a CPU: those rows run attention.py's fallback (blockwise), but every row is there
+    assert {(r["impl"], r["layer"]) for r in rows} == {(i, k) for i in ("cudnn", "blockwise") for k in ("dense", "banded")}
+    assert all(r["fwd_bwd_s"] > 0 for r in rows)
+    smp = s["sample"]
+    assert smp["ok"] and all(r["tokens_per_s"] > 0 for r in smp["result"]["rows"]), smp
+    vt = s["vs_torch"]
+    assert vt["ok"], vt
+    tps = vt["result"]["tokens_per_s"]
+    assert set(tps) == {"torch_eager", "gptjax"} and min(tps.values()) > 0
+    assert vt["result"]["ratio_gptjax_over_torch_eager"] > 0
