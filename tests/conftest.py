@@ -148,18 +148,23 @@ def start_script(script: str, *args, devices: int = 1, stdout=None) -> subproces
                             stdout=stdout or subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True)
 
 
-def read_losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss from metrics.jsonl: the last record per step wins (a resumed run rewrites
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """step -> its training record from metrics.jsonl: the last record per step wins (a resumed run rewrites
     the steps after its checkpoint); records without a loss (evaluations) and a torn last line are skipped."""
-    out: dict[int, float] = {}
+    out: dict[int, dict] = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         if "loss" in rec:
-            out[int(rec["step"])] = rec["loss"]
+            out[int(rec["step"])] = rec
     return out
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss (see read_metrics)."""
+    return {step: rec["loss"] for step, rec in read_metrics(run_dir).items()}
 
 
 def finished_steps(run_dir: Path) -> list[int]:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import pytest
-from conftest import finished_steps, read_losses, run_script, start_script
+from conftest import finished_steps, read_losses, read_metrics, run_script, start_script
 
 from gptjax import config as config_lib
 from gptjax.checkpoint import CORRUPT_DIR, Checkpoints
@@ -65,17 +65,8 @@ def summary(run_dir: Path) -> dict:
 
 
 def training_records(run_dir: Path) -> dict[int, dict]:
-    """step -> its last training record (a resumed run rewrites the steps after its checkpoint); a line torn
-    by a kill is skipped, as conftest.read_losses does."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in rec:
-            out[rec["step"]] = {k: rec[k] for k in ("loss", "lr", "grad_norm")}
-    return out
+    """step -> loss, lr and grad norm of its last training record (conftest.read_metrics)."""
+    return {step: {k: rec[k] for k in ("loss", "lr", "grad_norm")} for step, rec in read_metrics(run_dir).items()}
 
 
 # ----------------------------------------------------------------------------------------------

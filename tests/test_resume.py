@@ -12,24 +12,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import finished_steps, read_losses, run_and_kill, run_script, start_script, wait_for_checkpoint
+from conftest import finished_steps, read_losses, read_metrics, run_and_kill, run_script, start_script, wait_for_checkpoint
 
 from gptjax.checkpoint import Checkpoints
 
 STEPS, EVERY = 40, 4
-
-
-def read_metrics(run_dir: Path) -> dict[int, dict]:
-    """step -> the last complete training record for it (see conftest.read_losses)."""
-    out: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in rec:
-            out[rec["step"]] = rec
-    return out
 
 
 @pytest.fixture(scope="module")
