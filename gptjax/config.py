@@ -71,16 +71,38 @@ class ModelConfig:
         return -(-self.vocab_size // m) * m
 
 
+DATA_SOURCES = ("stdlib", "text", "jsonl", "parquet", "bin")  # see gptjax/data/sources.py
+SAMPLING = ("random", "epoch")
+
+
+@dataclass(frozen=True)
+class MixtureSource:
+    """One weighted source of a mixture (`data.mixture`): its own corpus, its own held-out split."""
+
+    name: str = ""  # names its held-out metrics: val_loss/NAME
+    weight: float = 1.0  # share of training rows (weights are normalised)
+    source: str = "text"
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    separator: str = ""
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"  # "stdlib" (this interpreter's standard library), "text" or "jsonl"
-    paths: tuple[str, ...] = ()  # files or globs for "text" / "jsonl"
-    text_field: str = "text"  # JSONL field holding a document
+    source: str = "stdlib"  # stdlib (this interpreter's standard library), text, jsonl, parquet or bin
+    paths: tuple[str, ...] = ()  # files or globs for text / jsonl (.jsonl, .jsonl.gz, .jsonl.zst) / parquet / bin
+    text_field: str = "text"  # JSONL field or parquet column holding a document
+    separator: str = ""  # text: split each file into documents at this string (escapes like \n allowed); "": one per file
+    tokenizer: str = ""  # a tokenizer to pretrain with (tokenizer.json, a .tiktoken file, or a dir); "": train one
     cache_dir: str = ""  # "" means $GPTJAX_CACHE or ~/.cache/gptjax
     val_fraction: float = 0.02  # share of documents held out (chosen by a hash of the document)
     tokenizer_sample_bytes: int = 6_000_000  # training text fed to SentencePiece
     shard_tokens: int = 1 << 24
     num_task_tokens: int = 16  # reserved control tokens for later task formats
+    workers: int = 0  # tokenizing processes; 0: one per core
+    verify: bool = False  # reuse a cache only after hashing the whole corpus again (else: a cheap fingerprint)
+    sampling: str = "random"  # random windows per step, or "epoch": every window once per epoch, seeded order
+    mixture: tuple[MixtureSource, ...] = ()  # several weighted sources instead of source/paths (in a config file)
 
 
 @dataclass(frozen=True)
@@ -363,6 +385,31 @@ def check_log(log: LogConfig, profile: ProfileConfig) -> None:
           f"{profile.start_step} and {profile.steps}")
 
 
+def check_data(d: DataConfig) -> None:
+    need = _need
+    sources = d.mixture or (d,)
+    for i, s in enumerate(sources):
+        key = f"data.mixture[{i}]." if d.mixture else "data."
+        need(s.source in DATA_SOURCES, f"{key}source must be one of {', '.join(DATA_SOURCES)}, got '{s.source}'")
+        need(s.source == "stdlib" or s.paths, f"{key}source={s.source} needs files: add {key}paths='corpus/*.txt'")
+        for p in s.paths:
+            check_local_path(f"{key}paths", p)
+    if d.mixture:
+        names = [s.name for s in d.mixture]
+        need(all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names),
+             f"data.mixture names must be non-empty and use letters, digits, _ . - (they name metrics), got {names}")
+        need(len(set(names)) == len(names), f"data.mixture names must differ, got {names}")
+        need(all(s.weight > 0 for s in d.mixture), "data.mixture weights must be positive")
+        need(all(s.source != "bin" for s in d.mixture), "data.mixture takes text sources, not already-tokenized bin")
+    need(d.source != "bin" or d.tokenizer or d.mixture,
+         "data.source=bin holds token ids: name the tokenizer that made them with data.tokenizer=PATH "
+         "(e.g. GPT-2's tokenizer.json or r50k_base.tiktoken)")
+    if d.tokenizer:
+        check_local_path("data.tokenizer", d.tokenizer)
+    need(d.sampling in SAMPLING, f"data.sampling must be one of {', '.join(SAMPLING)}, got '{d.sampling}'")
+    need(d.workers >= 0, f"data.workers must be >= 0 (0: one per core), got {d.workers}")
+
+
 def validate_train(cfg: TrainConfig) -> TrainConfig:
     m = cfg.model
     need = _need
@@ -389,10 +436,7 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     for p in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
         need(0.0 <= getattr(m, p) < 1.0, f"model.{p} must be in [0, 1)")
     need(m.init_std > 0 and m.ln_eps > 0, "model.init_std and model.ln_eps must be positive")
-    need(cfg.data.source in ("stdlib", "text", "jsonl"),
-         f"data.source must be 'stdlib', 'text' or 'jsonl', got '{cfg.data.source}'")
-    need(cfg.data.source == "stdlib" or cfg.data.paths,
-         f"data.source={cfg.data.source} needs files: add data.paths='corpus/*.txt'")
+    check_data(cfg.data)
     need(0.0 < cfg.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
     need(cfg.data.tokenizer_sample_bytes > 0 and cfg.data.shard_tokens > 0,
          "data.tokenizer_sample_bytes and data.shard_tokens must be positive")
@@ -412,8 +456,6 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     need(cfg.top_k >= 0 and cfg.sample_tokens >= 0, "top_k and sample_tokens must be >= 0")
     for key in ("run_dir", "init_from", "data.cache_dir"):
         check_local_path(key, getattr(cfg.data, "cache_dir") if key == "data.cache_dir" else getattr(cfg, key))
-    for p in cfg.data.paths:
-        check_local_path("data.paths", p)
     return cfg
 
 
