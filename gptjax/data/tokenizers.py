@@ -200,6 +200,49 @@ def load_tokenizer(run_dir: str | Path):
                     f"python train.py run_dir={d} to write tokenizer.model")
 
 
+SUPPLIED_KINDS = ("a Hugging Face tokenizer.json (e.g. GPT-2's), a tiktoken rank file *.tiktoken (e.g. "
+                  "r50k_base.tiktoken), a SentencePiece tokenizer.model, or a directory holding one of them "
+                  "(or GPT-2's vocab.json + merges.txt)")
+
+
+def open_tokenizer(path: str | Path, key: str = "data.tokenizer") -> Tokenizer:
+    """The tokenizer a user supplies to pretrain with (`key`, data.tokenizer): a file by its name (tokenizer.json:
+    `BPETokenizer`; *.tiktoken: `TiktokenTokenizer`; tokenizer.model: `SentencePieceTokenizer`), or a directory
+    (`load_tokenizer`). Its files keep their names when copied into token caches and run directories, which
+    `load_tokenizer` reads back by name, so a file of another name is refused. Every failure is one DataError
+    naming `key`."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{key}={path} does not exist; give {SUPPLIED_KINDS}")
+    if p.is_dir():
+        kinds = [p / "tokenizer.model", p / "tokenizer.json"]
+        if not (any(f.is_file() for f in kinds) or (p / "vocab.json").is_file() and (p / "merges.txt").is_file()
+                or any(p.glob("*.tiktoken"))):
+            raise DataError(f"{key}={path} is a directory without a tokenizer in it; give {SUPPLIED_KINDS}")
+        opener = load_tokenizer
+    elif p.name == "tokenizer.json":
+        opener = BPETokenizer
+    elif p.suffix == ".tiktoken":
+        opener = TiktokenTokenizer
+    elif p.name == "tokenizer.model":
+        opener = SentencePieceTokenizer
+    else:
+        hint = {".json": "tokenizer.json", ".model": "tokenizer.model"}.get(p.suffix)
+        raise DataError(f"{key}={path} is not a tokenizer file gptjax knows by its name"
+                        + (f" (rename it to {hint}: its copies in caches and run directories are read back by "
+                           f"that name)" if hint else "") + f"; give {SUPPLIED_KINDS}")
+    try:
+        tok = opener(p)
+    except DataError as e:
+        raise DataError(f"{key}={path}: {e}") from None
+    except (RuntimeError, OSError, ValueError) as e:  # e.g. sentencepiece, for a file that is not a model
+        raise DataError(f"{key}={path}: cannot read it as a tokenizer ({e})") from None
+    if tok.token_id(EOT) != tok.eot_id:  # a SentencePiece model not made by gptjax
+        raise DataError(f"{key}={path} has no {EOT} token; gptjax separates documents and stops samples with it "
+                        f"(GPT-2's files have it; a SentencePiece model needs it as a control symbol)")
+    return tok
+
+
 def _chunks(texts: list[str], max_bytes: int = 8000) -> Iterator[str]:
     """Split documents into runs of whole lines: SentencePiece trains on 'sentences', and keeping
     the newlines inside them lets pieces like '):\\n' and indentation runs form."""

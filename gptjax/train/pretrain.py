@@ -8,6 +8,7 @@ with init_from), and after the loop the held-out evaluation, the gzip baseline a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from gptjax import distributed
 from gptjax import flops as flops_lib
 from gptjax.checkpoint import Checkpoints, weights_only_message, weights_only_step
 from gptjax.config import TrainConfig
+from gptjax.data.tokenizers import Tokenizer, open_tokenizer
 from gptjax.errors import CheckpointError, ConfigError, DataError
 from gptjax.eval.scoring import heldout
 from gptjax.generate import sample
@@ -82,10 +84,65 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return bool(complete_steps(run_dir / "checkpoints"))
 
 
-def _prepare_data(cfg: TrainConfig, run_dir: Path, parent: lineage_lib.Parent | None, log) -> Path:
-    """The token cache of the run's corpus in the run's own tokenizer. A fresh run trains one on its corpus, or
-    takes its parent's; a resumed run must find the tokenizer it was trained with, or is refused."""
+def _supplied_tokenizer(cfg: TrainConfig, run_dir: Path) -> Tokenizer | None:
+    """The tokenizer named by data.tokenizer, opened (None: the run trains its own on its corpus, or takes its
+    parent's). A resumed run must find the very tokenizer it was trained with: its run directory holds a copy."""
+    resuming = not cfg.init_from and _has_checkpoint(run_dir)
+    if not cfg.data.tokenizer:
+        if resuming and not (run_dir / "tokenizer.model").is_file():
+            try:
+                own = data_lib.load_tokenizer(run_dir)
+            except DataError:  # no copy here to compare with; _prepare_data and check_run_dir judge the rest
+                return None
+            path = run_dir / "config.json"
+            raw = config_lib.read_config(path, f"run_dir={run_dir}") if path.is_file() else {}
+            was = (raw.get("data") or {}).get("tokenizer")
+            raise DataError(f"{run_dir} was trained with the tokenizer data.tokenizer={was or '?'} (its copy: "
+                            f"{', '.join(Path(f).name for f in own.files)}), not one trained on the corpus; its "
+                            f"checkpoints are untouched. Resume with data.tokenizer={was or 'PATH'} again, or train "
+                            f"into a new run_dir=...")
+        return None
+    if cfg.init_from:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} cannot be used with init_from={cfg.init_from}: a run "
+                          f"started from a parent's weights tokenizes its corpus with the parent's tokenizer (its "
+                          f"embedding rows are that tokenizer's); drop data.tokenizer")
+    tok = open_tokenizer(cfg.data.tokenizer)
+    if resuming:
+        try:
+            own = data_lib.load_tokenizer(run_dir)
+        except DataError:
+            own = None
+        if own is not None:
+            was, now = data_lib.fingerprint(own.files), data_lib.fingerprint(tok.files)
+            if was != now:
+                raise DataError(f"{run_dir} was trained with another tokenizer than data.tokenizer="
+                                f"{cfg.data.tokenizer} (tokenizer {was[:12]} -> {now[:12]}: its copy in the run "
+                                f"directory, {', '.join(Path(f).name for f in own.files)}, differs); its checkpoints "
+                                f"are untouched. Point data.tokenizer at the tokenizer it was trained with, train "
+                                f"into a new run_dir=..., or continue these weights with init_from={run_dir} "
+                                f"run_dir=NEW_DIR (in this run's own tokenizer)")
+    return tok
+
+
+def _vocab_follows(cfg: TrainConfig, tok: Tokenizer, log) -> TrainConfig:
+    """With a supplied tokenizer the model's vocabulary is the tokenizer's (its embedding rows padded up to
+    model.vocab_multiple), whatever the preset said; the run's config.json records the resolved size."""
+    if tok.vocab_size == cfg.model.vocab_size:
+        return cfg
+    model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
+    log(f"data: model.vocab_size {cfg.model.vocab_size} -> {tok.vocab_size} (the tokenizer's; embedding rows padded "
+        f"to {model.padded_vocab})")
+    return dataclasses.replace(cfg, model=model)
+
+
+def _prepare_data(cfg: TrainConfig, run_dir: Path, parent: lineage_lib.Parent | None, supplied: Tokenizer | None,
+                  log) -> Path:
+    """The token cache of the run's corpus in the run's own tokenizer. A fresh run trains one on its corpus, takes
+    the one data.tokenizer names (`supplied`, already checked against a resumed run's copy), or takes its parent's;
+    a resumed run must find the tokenizer it was trained with, or is refused."""
     resuming = _has_checkpoint(run_dir)
+    if supplied is not None:
+        return data_lib.prepare(cfg.data, cfg.model.vocab_size, tokenizer=supplied, log=log)
     if cfg.init_from:
         tok = data_lib.load_tokenizer(run_dir) if resuming else parent.tokenizer
         return data_lib.prepare(cfg.data, cfg.model.vocab_size, tokenizer=tok, log=log)
@@ -122,22 +179,32 @@ def pretrain(cfg: TrainConfig, *, log=print) -> dict:
 
 
 def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) -> dict:
+    # a supplied tokenizer fixes the model's vocabulary: resolved first, so the run directory is checked
+    # against (and records) the model that is built
+    supplied = _supplied_tokenizer(cfg, run_dir)
+    if supplied is not None:
+        cfg = _vocab_follows(cfg, supplied, log)
     # a child being resumed needs nothing of its parent (which may have moved): its own files say it all
     parent = lineage_lib.open_parent(cfg.init_from, log=log) if cfg.init_from and not _has_checkpoint(run_dir) else None
 
     def prepare() -> Path:
         if main:  # the others wait for its verdict (and must not read config.json while it is rewritten)
             check_run_dir(cfg, run_dir, log)
-        return _prepare_data(cfg, run_dir, parent, log)
+        return _prepare_data(cfg, run_dir, parent, supplied, log)
 
     # Process 0 builds the token cache; the others then read it (or, without a shared disk, build their own).
     data_dir = distributed.process0_first(prepare, "prepare the run")
     td = data_lib.TokenData(data_dir)
     distributed.check_same(bytes.fromhex(td.manifest["tokenizer"]["sha256"]), f"the tokenizer in {data_dir}")
     trained_here = td.manifest["tokenizer"].get("trained_here", True)
-    if td.tokenizer.vocab_size > cfg.model.vocab_size or (trained_here and td.tokenizer.vocab_size != cfg.model.vocab_size):
+    # a tokenizer trained here or supplied sets the vocabulary exactly; a parent's may have fewer tokens than rows
+    exact = trained_here or supplied is not None
+    if td.tokenizer.vocab_size > cfg.model.vocab_size or (exact and td.tokenizer.vocab_size != cfg.model.vocab_size):
+        fix = ("the model's vocabulary follows data.tokenizer, so that cache holds another tokenizer's tokens: "
+               "delete that cache directory" if supplied is not None else
+               "delete that cache directory or set model.vocab_size to match")
         raise ConfigError(f"the tokenizer in {data_dir} has {td.tokenizer.vocab_size} tokens but model.vocab_size="
-                          f"{cfg.model.vocab_size}; delete that cache directory or set model.vocab_size to match")
+                          f"{cfg.model.vocab_size}; {fix}")
     if td.tokens("train") <= cfg.model.block_size:
         raise ConfigError(f"the training split has {td.tokens('train')} tokens, fewer than model.block_size="
                           f"{cfg.model.block_size}; add data or shorten the context")
