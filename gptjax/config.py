@@ -194,7 +194,7 @@ def to_dict(cfg: Any) -> dict:
         if dataclasses.is_dataclass(v):
             v = to_dict(v)
         elif isinstance(v, tuple):
-            v = list(v)
+            v = [to_dict(x) if dataclasses.is_dataclass(x) else x for x in v]
         out[f.name] = v
     return out
 
@@ -327,10 +327,33 @@ def apply_overrides(cfg, overrides: list[str]):
             node, cls = node[p], hints[p]
         hints = typing.get_type_hints(cls)
         last = parts[-1]
-        if last not in hints or dataclasses.is_dataclass(hints[last]) or _dataclass_tuple(hints[last]):
+        if last not in hints or dataclasses.is_dataclass(hints[last]):
             raise _unknown(key, root, cls, ConfigError)
-        node[last] = coerce(key, hints[last], value)
+        node[last] = _mappings(key, value) if _dataclass_tuple(hints[last]) else coerce(key, hints[last], value)
     return validate(from_dict(root, d))
+
+
+def _mappings(key: str, value: str) -> list:
+    """A list-of-mappings field on the command line: inline JSON ([{...}, ...]), a JSON file holding such a list,
+    or nothing (key=) for an empty list. from_dict then checks each mapping."""
+    value = value.strip()
+    if not value:
+        return []
+    if value.startswith("["):
+        text, where = value, "the value"
+    else:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{key}={value}: expects a JSON list of mappings, inline or in a file; no file {path}")
+        text, where = path.read_text(), str(path)
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: {where} is not valid JSON ({e.msg}, line {e.lineno}); it must be a list of "
+                          f"mappings") from None
+    if not isinstance(out, list):
+        raise ConfigError(f"{key}: {where} must hold a JSON list of mappings, got {type(out).__name__}")
+    return out
 
 
 def validate(cfg):
@@ -401,6 +424,8 @@ def check_data(d: DataConfig) -> None:
         need(len(set(names)) == len(names), f"data.mixture names must differ, got {names}")
         need(all(s.weight > 0 for s in d.mixture), "data.mixture weights must be positive")
         need(all(s.source != "bin" for s in d.mixture), "data.mixture takes text sources, not already-tokenized bin")
+        need(d.sampling == "random", "data.sampling=epoch is for a single source; a mixture draws its rows at random "
+                                     "(set data.sampling=random)")
     need(d.source != "bin" or d.tokenizer or d.mixture,
          "data.source=bin holds token ids: name the tokenizer that made them with data.tokenizer=PATH "
          "(e.g. GPT-2's tokenizer.json or r50k_base.tiktoken)")

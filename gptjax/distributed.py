@@ -382,9 +382,11 @@ def barrier(name: str, timeout_s: float = 3600) -> None:
                           f"another process probably stopped with an error: see process 0's output") from None
 
 
-def process0_first(fn, what: str, timeout_s: float = 24 * 3600):
+def process0_first(fn, what: str, timeout_s: float = 24 * 3600, *, others=None):
     """fn() on process 0, then on the others once it has finished (e.g. build a cache, then read it). If it
-    fails on process 0, the others stop at once with a one-line error instead of waiting for a lost peer."""
+    fails on process 0, the others stop at once with a one-line error instead of waiting for a lost peer.
+    With `others`, process 0's result (a str) is passed to the others, which call others(result) instead of
+    fn() (e.g. open the cache process 0 built without looking at the corpus again)."""
     client = _client() if jax.process_count() > 1 else None
     if client is None:
         if jax.process_count() > 1:  # no coordination service to pass a message: a plain barrier
@@ -399,12 +401,12 @@ def process0_first(fn, what: str, timeout_s: float = 24 * 3600):
         except BaseException as e:
             client.key_value_set(key, f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
             raise
-        client.key_value_set(key, "done")
+        client.key_value_set(key, "done" + (":" + out if others is not None else ""))
         return out
     status = client.blocking_key_value_get(key, int(timeout_s * 1000))
-    if status != "done":
+    if not status.startswith("done"):
         raise ConfigError(f"process 0 failed to {what} ({status[len('error: '):]}); see its output")
-    return fn()
+    return others(status[len("done:"):]) if others is not None else fn()
 
 
 def check_same(value: bytes, what: str) -> None:

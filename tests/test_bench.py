@@ -34,3 +34,15 @@ def test_gpu_benchmark_runs_every_section_at_toy_sizes_on_the_cpu(tmp_path):
     tps = vt["result"]["tokens_per_s"]
     assert set(tps) == {"torch_eager", "gptjax"} and min(tps.values()) > 0
     assert vt["result"]["ratio_gptjax_over_torch_eager"] > 0
+
+
+def test_data_benchmark_runs_at_a_toy_size(tmp_path):
+    """bench/data_prep.py end to end on a few MB: corpus, preparation, second start, raw tokenizer speed."""
+    out = tmp_path / "data_prep.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "data_prep.py"), "--tiny", "--vocab", "1024",
+                           "--out", str(out)], env=subprocess_env(1), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["text_bytes"] >= 4e6 and run["tokens"] > 1e6 and run["peak_rss_gb"] > 0
+    assert 0 < run["second_start_s"] < run["prepare_s"] and 0 < run["pipeline_vs_raw"] < 5

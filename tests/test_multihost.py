@@ -40,13 +40,13 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def launch(args: list[str], logs: Path, devices: int = 4, processes: int = 2,
-           extra_env: dict | None = None) -> list[subprocess.Popen]:
+           extra_env: dict | None = None, script: tuple[str, ...] = ("train.py",)) -> list[subprocess.Popen]:
     """`processes` copies of one train.py command on the loopback address: process 0 learns its place from
     flags, the others from the environment. Every one also gets `extra_env`. Output goes to logs/p<i>.log."""
     port = free_port()
     procs = []
     for i in range(processes):
-        env, cmd = subprocess_env(devices) | (extra_env or {}), ["train.py", *args]
+        env, cmd = subprocess_env(devices) | (extra_env or {}), [*script, *args]
         if i == 0:
             cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", "0"]
         else:
@@ -75,12 +75,36 @@ def runs(tmp_path_factory, tiny_overrides, prepared):
     Process 0 learns its place from flags, process 1 from the environment."""
     root = tmp_path_factory.mktemp("multihost")
     args = ["--config", "tiny", *tiny_overrides, *MESH, f"steps={STEPS}", "checkpoint.every=2", "sample_tokens=6"]
-    two = launch(args + [f"run_dir={root / 'two'}"], root)
+    # the two processes run train.py under an audit hook that records every file opened in the corpus
+    corpus = next(a.split("=", 1)[1] for a in tiny_overrides if a.startswith("data.paths=")).rsplit("/", 1)[0]
+    two = launch(args + [f"run_dir={root / 'two'}"], root, script=("-c", AUDITED, str(root / "opened"), corpus))
     one = start(["train.py", *args, f"run_dir={root / 'one'}"], subprocess_env(8), root / "one.log")
     results = finish(two + [one])
     for name, (rc, out) in zip(("process 0", "process 1", "one process"), results):
         assert rc == 0, f"{name} exited {rc}:\n{out[-5000:]}"
-    return {"two": root / "two", "one": root / "one", "out": [out for _, out in results]}
+    return {"two": root / "two", "one": root / "one", "out": [out for _, out in results], "opened": root / "opened"}
+
+
+# train.py with Python's audit hook on "open": each process appends the corpus files it opens to OUT-<process id>
+AUDITED = r"""
+import os, runpy, sys
+out, corpus = sys.argv[1], sys.argv[2]
+me = os.environ.get("GPTJAX_PROCESS_ID", "0")
+def hook(event, args):
+    path = os.fspath(args[0]) if event == "open" and isinstance(args[0], (str, os.PathLike)) else ""
+    if isinstance(path, str) and path.startswith(corpus):
+        with open(f"{out}-{me}", "a") as f:
+            f.write(path + "\n")
+sys.addaudithook(hook)
+sys.argv = ["train.py"] + sys.argv[3:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_on_a_shared_disk_only_process_zero_reads_the_corpus(runs):
+    """The others open the token cache process 0 names; they never look at the corpus itself."""
+    assert (runs["opened"].parent / "opened-0").read_text()  # process 0 did (its fingerprint's sample reads)
+    assert not (runs["opened"].parent / "opened-1").exists()
 
 
 def test_two_processes_train_what_one_process_trains(runs):

@@ -75,23 +75,31 @@ def heldout_text(cfg) -> bytes:
     return "\n".join(split_documents(cfg.data)[1]).encode("utf-8")
 
 
-def token_cache(run) -> Path | None:
-    """The run's prepared token cache, if its tokens are the run's own (same tokenizer file), else None."""
-    import hashlib
-
+def token_cache(run):
+    """The run's prepared token data (a TokenData, or a Mixture for a run on data.mixture), if its tokens are the
+    run's own (made with the run's tokenizer), else None. The run's data.json names the caches; without it, a
+    train.py run's corpus is prepared again (found in the cache if it is still there)."""
     from gptjax import data as data_lib
     from gptjax.config import read_json
+    from gptjax.errors import DataError
 
-    own = run.run_dir / "tokenizer.model"
-    if not own.exists():
+    try:
+        own = data_lib.fingerprint(data_lib.load_tokenizer(run.run_dir).files)
+    except DataError:
         return None
     data_json = run.run_dir / "data.json"
-    data_dir = Path(read_json(data_json, f"{run.run_dir}")["data_dir"]) if data_json.exists() else None
-    if data_dir is None or not (data_dir / "manifest.json").exists():
-        data_dir = data_lib.prepare(run.cfg.data, run.cfg.model.vocab_size)
-    manifest = read_json(data_dir / "manifest.json", "the token cache")
-    same = manifest["tokenizer"]["sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
-    return data_dir if same else None
+    handle = read_json(data_json, f"{run.run_dir}") if data_json.exists() else {}
+    dirs = [Path(handle["data_dir"])] if "data_dir" in handle else []
+    dirs += [Path(e["data_dir"]) for e in handle.get("mixture", [])]
+    if not dirs or not all((d / "manifest.json").exists() for d in dirs):
+        if not (run.run_dir / "tokenizer.model").exists():  # not trained here (imported, or data.tokenizer): none
+            return None
+        if run.cfg.data.mixture:
+            handle = {"mixture": data_lib.prepare_mixture(run.cfg.data, run.cfg.model.vocab_size)}
+        else:
+            handle = {"data_dir": str(data_lib.prepare(run.cfg.data, run.cfg.model.vocab_size))}
+    td = data_lib.Mixture(handle["mixture"]) if handle.get("mixture") else data_lib.TokenData(handle["data_dir"])
+    return td if td.manifest["tokenizer"]["sha256"] == own else None
 
 
 def eval_finetuned(args) -> dict:
@@ -142,10 +150,11 @@ def run_eval(args, shots: list[int]) -> dict:
         if args.text:
             results.update(split=f"text:{args.text}", **eval_text(Path(args.text).read_bytes(), args.text))
         else:
-            data_dir = token_cache(run)
-            if data_dir is not None:  # a train.py run: its own token cache
-                r = heldout(run.trainer, run.params, data_lib.TokenData(data_dir), batch_size=args.batch_size)
-                r["gzip_bits_per_byte"] = data_lib.gzip_bits_per_byte((data_dir / "val.txt").read_bytes())
+            td = token_cache(run)
+            if td is not None:  # a train.py run: its own token cache (a mixture: all its sources' held-out tokens)
+                r = heldout(run.trainer, run.params, td, batch_size=args.batch_size)
+                val = b"\n".join((p.path / "val.txt").read_bytes() for p in getattr(td, "parts", [td]))
+                r["gzip_bits_per_byte"] = data_lib.gzip_bits_per_byte(val)
             else:  # an imported model with its own tokenizer: the same held-out text in its tokens
                 r = eval_text(heldout_text(cfg), "the held-out split")
             results.update(split="val", **r)

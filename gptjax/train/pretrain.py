@@ -68,13 +68,14 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, log=print) -> None:
         log(f"note: resuming {run_dir} with changed settings: {'; '.join(other[:6])}")
 
 
-def batch_for_step(td: data_lib.TokenData, cfg: TrainConfig, step: int, sharding) -> jax.Array:
+def batch_for_step(td: data_lib.TokenData | data_lib.Mixture, cfg: TrainConfig, step: int, sharding) -> jax.Array:
     """The global batch of `step`, [micro_batches, B / micro_batches, T+1] on `sharding`; this process
     reads only the rows its own devices hold (offsets depend on (seed, step) alone, so all agree)."""
     M, B, T = cfg.micro_batches, cfg.batch_size, cfg.model.block_size
     shape = (M, B // M, T + 1)
     rows = np.arange(B // M)[distributed.local_rows(sharding, shape, axis=1)]
-    local = td.batch(cfg.seed, step, B, T, rows=(np.arange(M)[:, None] * (B // M) + rows).ravel())
+    local = td.batch(cfg.seed, step, B, T, rows=(np.arange(M)[:, None] * (B // M) + rows).ravel(),
+                     sampling=cfg.data.sampling)
     return jax.make_array_from_process_local_data(sharding, local.reshape(M, len(rows), T + 1), shape)
 
 
@@ -136,26 +137,40 @@ def _vocab_follows(cfg: TrainConfig, tok: Tokenizer, log) -> TrainConfig:
 
 
 def _prepare_data(cfg: TrainConfig, run_dir: Path, parent: lineage_lib.Parent | None, supplied: Tokenizer | None,
-                  log) -> Path:
-    """The token cache of the run's corpus in the run's own tokenizer. A fresh run trains one on its corpus, takes
-    the one data.tokenizer names (`supplied`, already checked against a resumed run's copy), or takes its parent's;
-    a resumed run must find the tokenizer it was trained with, or is refused."""
+                  log) -> dict:
+    """The token cache of the run's corpus in the run's own tokenizer, as data.json records it: {"data_dir"}, and
+    for a mixture {"data_dir" (its first source's), "mixture": [{"name", "weight", "data_dir"}...]}. A fresh run
+    trains a tokenizer on its corpus, takes the one data.tokenizer names (`supplied`, already checked against a
+    resumed run's copy), or takes its parent's; a resumed run must find the tokenizer it was trained with, or is
+    refused."""
     resuming = _has_checkpoint(run_dir)
-    if supplied is not None:
-        return data_lib.prepare(cfg.data, cfg.model.vocab_size, tokenizer=supplied, log=log)
-    if cfg.init_from:
+    tok = supplied
+    if tok is None and cfg.init_from:
         tok = data_lib.load_tokenizer(run_dir) if resuming else parent.tokenizer
-        return data_lib.prepare(cfg.data, cfg.model.vocab_size, tokenizer=tok, log=log)
-    data_dir = data_lib.prepare(cfg.data, cfg.model.vocab_size, log=log)
-    if resuming and (run_dir / "tokenizer.model").is_file():
+    if cfg.data.mixture:
+        entries = data_lib.prepare_mixture(cfg.data, cfg.model.vocab_size, tokenizer=tok, log=log)
+        handle = {"data_dir": entries[0]["data_dir"], "mixture": entries}
+    else:
+        handle = {"data_dir": str(data_lib.prepare(cfg.data, cfg.model.vocab_size, tokenizer=tok, log=log).absolute())}
+    if tok is None and resuming and (run_dir / "tokenizer.model").is_file():
         own = data_lib.fingerprint([run_dir / "tokenizer.model"])
-        now = json.loads((data_dir / "manifest.json").read_text())["tokenizer"]["sha256"]
+        now = json.loads((Path(handle["data_dir"]) / "manifest.json").read_text())["tokenizer"]["sha256"]
         if own != now:
             raise DataError(f"{run_dir} was trained with another tokenizer than its corpus now produces (tokenizer "
                             f"{own[:12]} -> {now[:12]}: the corpus changed under this run_dir); its checkpoints are "
                             f"untouched. Restore the corpus, train into a new run_dir=..., or continue these weights "
                             f"on the new corpus with init_from={run_dir} run_dir=NEW_DIR")
-    return data_dir
+    return handle
+
+
+def _open_data(handle: dict) -> data_lib.TokenData | data_lib.Mixture:
+    return data_lib.Mixture(handle["mixture"]) if "mixture" in handle else data_lib.TokenData(handle["data_dir"])
+
+
+def _on_this_host(handle: dict) -> bool:
+    """Whether every token cache process 0 prepared is readable here (a shared disk)."""
+    dirs = [handle["data_dir"]] + [e["data_dir"] for e in handle.get("mixture", [])]
+    return all((Path(d) / "manifest.json").is_file() for d in dirs)
 
 
 def pretrain(cfg: TrainConfig, *, log=print) -> dict:
@@ -187,18 +202,22 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
     # a child being resumed needs nothing of its parent (which may have moved): its own files say it all
     parent = lineage_lib.open_parent(cfg.init_from, log=log) if cfg.init_from and not _has_checkpoint(run_dir) else None
 
-    def prepare() -> Path:
+    def prepare() -> str:
         if main:  # the others wait for its verdict (and must not read config.json while it is rewritten)
             check_run_dir(cfg, run_dir, log)
-        return _prepare_data(cfg, run_dir, parent, supplied, log)
+        return json.dumps(_prepare_data(cfg, run_dir, parent, supplied, log))
+
+    def reuse(prepared: str) -> str:  # on a shared disk the others never read the corpus
+        return prepared if _on_this_host(json.loads(prepared)) else prepare()
 
     # Process 0 builds the token cache; the others then read it (or, without a shared disk, build their own).
-    data_dir = distributed.process0_first(prepare, "prepare the run")
-    td = data_lib.TokenData(data_dir)
+    handle = json.loads(distributed.process0_first(prepare, "prepare the run", others=reuse))
+    data_dir = Path(handle["data_dir"])
+    td = _open_data(handle)
     distributed.check_same(bytes.fromhex(td.manifest["tokenizer"]["sha256"]), f"the tokenizer in {data_dir}")
-    trained_here = td.manifest["tokenizer"].get("trained_here", True)
-    # a tokenizer trained here or supplied sets the vocabulary exactly; a parent's may have fewer tokens than rows
-    exact = trained_here or supplied is not None
+    # a tokenizer trained here (for the corpus or a mixture) or supplied sets the vocabulary exactly; a parent's may
+    # have fewer tokens than the model has rows
+    exact = not cfg.init_from
     if td.tokenizer.vocab_size > cfg.model.vocab_size or (exact and td.tokenizer.vocab_size != cfg.model.vocab_size):
         fix = ("the model's vocabulary follows data.tokenizer, so that cache holds another tokenizer's tokens: "
                "delete that cache directory" if supplied is not None else
@@ -223,7 +242,7 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
     if main:
         config_lib.save_json(cfg, run_dir / "config.json", **({"lineage": run_lineage} if run_lineage else {}))
         data_lib.install(td.tokenizer, run_dir)  # the run's own copy of its tokenizer
-        config_lib.write_json(run_dir / "data.json", {"data_dir": str(data_dir.absolute())})
+        config_lib.write_json(run_dir / "data.json", handle)
 
     ckpts = Checkpoints(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, log=log)
     cfg_dict = {**config_lib.to_dict(cfg), **({"lineage": run_lineage} if run_lineage else {})}
@@ -236,9 +255,18 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
     peak = flops_lib.device_peak_flops()
     metrics = loop.MetricsLog(run_dir / "metrics.jsonl", main, cfg.log, cfg_dict)
 
+    def per_source(params, max_batches: int = 0) -> dict:
+        """A mixture's held-out loss on each source's own split (beside the overall one, over all of them)."""
+        out = {}
+        for name, part in zip(getattr(td, "names", []), getattr(td, "parts", [])):
+            ev = heldout(steps, params, part, max_batches=max_batches)
+            out |= {f"val_loss/{name}": ev["loss"], f"val_bits_per_byte/{name}": ev["bits_per_byte"]}
+        return out
+
     def evaluate(state) -> tuple[dict, str]:
         ev = heldout(steps, state["params"], td, max_batches=cfg.eval_batches)
-        return ({"val_loss": ev["loss"], "val_bits_per_byte": ev["bits_per_byte"]},
+        return ({"val_loss": ev["loss"], "val_bits_per_byte": ev["bits_per_byte"],
+                 **per_source(state["params"], cfg.eval_batches)},
                 f"val loss {ev['loss']:.4f}, {ev['bits_per_byte']:.3f} bits/byte")
 
     def fresh_state():
@@ -271,11 +299,15 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
 
     # Final evaluation, gzip baseline, and a sample.
     ev = heldout(steps, state["params"], td)
-    val_bytes = (data_dir / "val.txt").read_bytes()
+    sources = per_source(state["params"])
+    val_bytes = b"\n".join((p.path / "val.txt").read_bytes() for p in getattr(td, "parts", [td]))
     gz = data_lib.gzip_bits_per_byte(val_bytes)
     final_step = int(jax.device_get(state["step"]))
     metrics.write({"step": final_step, "val_loss": ev["loss"], "val_bits_per_byte": ev["bits_per_byte"],
-                   "gzip_bits_per_byte": gz})
+                   "gzip_bits_per_byte": gz, **sources})
+    for name in getattr(td, "names", []):
+        log(f"held-out on '{name}': loss {sources[f'val_loss/{name}']:.4f} nats/token, "
+            f"{sources[f'val_bits_per_byte/{name}']:.3f} bits/byte")
     log(f"held-out (step {final_step}): loss {ev['loss']:.4f} nats/token, perplexity {ev['perplexity']:.2f}, "
         f"{ev['bits_per_byte']:.3f} bits/byte  |  gzip -9 on the same text: {gz:.3f} bits/byte")
     text = ""
@@ -290,7 +322,7 @@ def _pretrain(cfg: TrainConfig, run_dir: Path, main: bool, t_start: float, log) 
                "val_bits_per_byte": ev["bits_per_byte"], "gzip_bits_per_byte": gz,
                "train_seconds": result.train_seconds, "total_seconds": time.time() - t_start,
                "tokens_per_s": float(np.median(rates)) if rates else None,
-               "parameters": counts, "sample": text}
+               "parameters": counts, "sample": text, **sources}
     if run_lineage:
         summary["lineage"] = run_lineage
     if main:
