@@ -153,6 +153,7 @@ class _SplitWriter:
 
 def _encode_init(tok_dir: str) -> None:  # in each tokenizing process
     global _WORKER_TOK
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     _WORKER_TOK = load_tokenizer(tok_dir)
 
 
