@@ -222,3 +222,22 @@ def test_pretraining_in_a_supplied_tiktoken_file(tok_files, corpus_dir, tmp_path
     assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == tok.vocab_size
     assert (run / "mini.tiktoken").read_bytes() == tok_files["tiktoken"].read_bytes()
     assert isinstance(load_tokenizer(run), TiktokenTokenizer)
+
+
+def test_compile_only_builds_the_model_in_the_supplied_tokenizers_vocabulary(tok_files, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    from gptjax import flops
+
+    out = tmp_path / "report.json"
+    args = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=32", "batch_size=4",
+            f"data.tokenizer={tok_files['json']}"]
+    proc = subprocess.run([sys.executable, "train.py", "--config", "tiny", *args, "--compile-only", "--json", str(out)],
+                          cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = config_lib.resolve("tiny", args + ["model.vocab_size=601"])
+    assert json.loads(out.read_text())["params"] == flops.param_counts(cfg.model)["total"]
+    assert flops.param_counts(config_lib.resolve("tiny", args).model)["total"] != flops.param_counts(cfg.model)["total"]

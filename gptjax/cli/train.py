@@ -55,6 +55,13 @@ def _main(args) -> int:
         print("\n".join(f"{k} = {v!r}" for k, v in flat.items()))
         return 0
     if args.compile_only:
+        if cfg.data.tokenizer:  # the model's vocabulary follows a supplied tokenizer, as in training
+            import dataclasses
+
+            from gptjax.data.tokenizers import open_tokenizer
+
+            vocab = open_tokenizer(cfg.data.tokenizer).vocab_size
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
         return compile_only(cfg, args.topology, args.json)
     distributed.initialize(args)
     pretrain(cfg)
