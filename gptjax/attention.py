@@ -11,7 +11,8 @@ Implementations (`ModelConfig.attention_impl`), per layer kind:
 
   impl        dense layers                         banded layers
   reference   einsum + mask (the test oracle)      einsum + band mask: O(T^2)
-  blockwise   einsum + mask                        blockwise: O(T * w) time and memory
+  blockwise   einsum + mask; from FLASH_MIN_T on,      blockwise: O(T * w) time and memory
+              flash_attention (O(T) memory)
   jax         jax.nn.dot_product_attention         same, with local_window_size: XLA picks the kernel
   cudnn       cuDNN fused (jax.nn, bf16)            cuDNN with a local window
   splash      TPU splash attention, causal mask    splash attention, local mask
@@ -125,6 +126,116 @@ def banded_attention(q_BTNH, k_BTNH, v_BTNH, *, window: int, block: int | None =
     return out_BGCNH.reshape(B, G * C, N, H)[:, :T]
 
 
+FLASH_MIN_T = 512  # dense layers at least this long use flash_attention on the blockwise path
+FLASH_BLOCK = 128  # queries per block of flash_attention
+
+
+def _blocks(x_BTNH, C: int):
+    """[G, B, C, N, H]: the sequence cut into G blocks of C positions (zero-padded at the end), blocks first."""
+    B, T, N, H = x_BTNH.shape
+    G = -(-T // C)
+    x = jnp.pad(x_BTNH, ((0, 0), (0, G * C - T), (0, 0), (0, 0)))
+    return x.reshape(B, G, C, N, H).transpose(1, 0, 2, 3, 4)
+
+
+def _unblocks(x_GBCNH, T: int):
+    G, B, C, N, H = x_GBCNH.shape
+    return x_GBCNH.transpose(1, 0, 2, 3, 4).reshape(B, G * C, N, H)[:, :T]
+
+
+def _block_scores(q_BCNH, k_BSNH, g, C: int):
+    """Scaled causal logits [B, N, C, S] of query block g against every key (masked: -inf where s > t)."""
+    H, S = q_BCNH.shape[-1], k_BSNH.shape[1]
+    s_BNCS = jnp.einsum("BCNH,BSNH->BNCS", q_BCNH, k_BSNH, preferred_element_type=jnp.float32)
+    s_BNCS = s_BNCS / jnp.sqrt(jnp.float32(H))
+    ok_CS = jnp.arange(S)[None, :] <= g * C + jnp.arange(C)[:, None]
+    return jnp.where(ok_CS, s_BNCS, jnp.finfo(jnp.float32).min), ok_CS
+
+
+def flash_keep(key, g, shape, rate: float):
+    """The dropout keep-mask of query block g, scaled by 1/(1-rate): drawn from (key, g), so the backward pass
+    draws the very same mask again instead of saving it."""
+    keep = jax.random.bernoulli(jax.random.fold_in(key, g), 1.0 - rate, shape)
+    return keep.astype(jnp.float32) / (1.0 - rate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def flash_attention(q_BTNH, k_BTNH, v_BTNH, block: int = FLASH_BLOCK, dropout_rate: float = 0.0,
+                    dropout_key=None) -> jax.Array:
+    """Dense causal self-attention that never holds (or saves for the backward pass) the [B, N, T, T] scores:
+    queries go through in blocks of `block` against all keys; the forward pass keeps only the output and each
+    query's log-sum-exp, and the backward pass recomputes each block's probabilities from them (the memory
+    scheme of FlashAttention, Dao et al. 2022, as plain JAX: a scan over query blocks, so XLA fuses each block's
+    einsums). Equal to reference_attention to float rounding (tests/test_attention.py). Attention dropout
+    drops probabilities with a mask drawn per query block (`flash_keep`), not reference_attention's one
+    [B, N, T, S] draw: the same distribution, other random bits."""
+    return _flash_forward(q_BTNH, k_BTNH, v_BTNH, block, dropout_rate, dropout_key)[0]
+
+
+def _flash_forward(q_BTNH, k_BTNH, v_BTNH, block, rate=0.0, key=None):
+    T = q_BTNH.shape[1]
+    C = min(block, T)
+    G = -(-T // C)
+
+    def one(_, xs):
+        q_BCNH, g = xs
+        s_BNCS, _ = _block_scores(q_BCNH, k_BTNH, g, C)
+        m_BNC1 = s_BNCS.max(axis=-1, keepdims=True)
+        p_BNCS = jnp.exp(s_BNCS - m_BNC1)
+        l_BNC1 = p_BNCS.sum(axis=-1, keepdims=True)
+        p_BNCS = p_BNCS / l_BNC1
+        if rate > 0.0:
+            p_BNCS = p_BNCS * flash_keep(key, g, p_BNCS.shape, rate)
+        o_BCNH = jnp.einsum("BNCS,BSNH->BCNH", p_BNCS.astype(v_BTNH.dtype), v_BTNH)
+        return None, (o_BCNH, (m_BNC1 + jnp.log(l_BNC1))[..., 0])
+
+    _, (o_GBCNH, lse_GBNC) = jax.lax.scan(one, None, (_blocks(q_BTNH, C), jnp.arange(G)))
+    return _unblocks(o_GBCNH, T), lse_GBNC
+
+
+def _flash_fwd(q_BTNH, k_BTNH, v_BTNH, block, rate, key):
+    o_BTNH, lse_GBNC = _flash_forward(q_BTNH, k_BTNH, v_BTNH, block, rate, key)
+    return o_BTNH, (q_BTNH, k_BTNH, v_BTNH, o_BTNH, lse_GBNC, key)
+
+
+def _flash_bwd(block, rate, res, do_BTNH):
+    # with dropout, O = (M * P) V for the scaled keep-mask M: dP = M * (dO V^T), and the softmax backward's
+    # rowsum(P * dP) is still rowsum(dO * O)
+    q_BTNH, k_BTNH, v_BTNH, o_BTNH, lse_GBNC, key = res
+    T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
+    C = min(block, T)
+    G = -(-T // C)
+    scale = 1.0 / jnp.sqrt(jnp.float32(H))
+    delta_BTN = (do_BTNH.astype(jnp.float32) * o_BTNH.astype(jnp.float32)).sum(-1)  # rowsum(dO * O)
+    delta_GBCN = _blocks(delta_BTN[..., None], C)[..., 0]
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+    def one(carry, xs):
+        dk_BSNH, dv_BSNH = carry
+        q_BCNH, do_BCNH, lse_BNC, delta_BCN, g = xs
+        s_BNCS, ok_CS = _block_scores(q_BCNH, k_BTNH, g, C)
+        p_BNCS = jnp.where(ok_CS, jnp.exp(s_BNCS - lse_BNC[..., None]), 0.0)
+        keep_BNCS = flash_keep(key, g, p_BNCS.shape, rate) if rate > 0.0 else None
+        pd_BNCS = p_BNCS * keep_BNCS if rate > 0.0 else p_BNCS
+        dv_BSNH = dv_BSNH + f32("BNCS,BCNH->BSNH", pd_BNCS, do_BCNH)
+        dp_BNCS = f32("BCNH,BSNH->BNCS", do_BCNH, v_BTNH)
+        if rate > 0.0:
+            dp_BNCS = dp_BNCS * keep_BNCS
+        ds_BNCS = p_BNCS * (dp_BNCS - delta_BCN.transpose(0, 2, 1)[..., None]) * scale
+        dq_BCNH = f32("BNCS,BSNH->BCNH", ds_BNCS, k_BTNH)
+        dk_BSNH = dk_BSNH + f32("BNCS,BCNH->BSNH", ds_BNCS, q_BCNH)
+        return (dk_BSNH, dv_BSNH), dq_BCNH
+
+    zeros = jnp.zeros(k_BTNH.shape, jnp.float32)
+    (dk, dv), dq_GBCNH = jax.lax.scan(one, (zeros, zeros), (_blocks(q_BTNH, C), _blocks(do_BTNH, C), lse_GBNC,
+                                                            delta_GBCN, jnp.arange(G)))
+    dq = _unblocks(dq_GBCNH, T)
+    return dq.astype(q_BTNH.dtype), dk.astype(k_BTNH.dtype), dv.astype(v_BTNH.dtype), None
+
+
+flash_attention.defvjp(_flash_fwd, _flash_bwd)
+
+
 def _jax_nn(q, k, v, window, implementation):
     local = (window - 1, 0) if window is not None else None
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
@@ -205,5 +316,9 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, window: int | None = None, impl: str = 
     if impl == "blockwise" and window is not None and T == S:
         return banded_attention(q_BTNH, k_BSNH, v_BSNH, window=window, dropout_rate=dropout_rate,
                                 dropout_key=dropout_key)
+    if impl == "blockwise" and window is None and T == S and T >= FLASH_MIN_T:
+        if use_dropout:
+            return flash_attention(q_BTNH, k_BSNH, v_BSNH, FLASH_BLOCK, dropout_rate, dropout_key)
+        return flash_attention(q_BTNH, k_BSNH, v_BSNH)
     return reference_attention(q_BTNH, k_BSNH, v_BSNH, window=window, dropout_rate=dropout_rate,
                                dropout_key=dropout_key)

@@ -173,6 +173,64 @@ def test_auto_picks_the_backend_of_the_platform():
     assert config.ModelConfig().attention_impl == "auto"
 
 
+@pytest.mark.parametrize("B, T, N, H, block", [(2, 100, 3, 8, 16), (1, 64, 2, 16, 64), (1, 7, 1, 8, 128),
+                                                (2, 129, 2, 8, 32)])
+def test_flash_attention_equals_the_reference_with_its_gradients(B, T, N, H, block):
+    q, k, v = qkv(B, T, N, H, seed=T)
+    flash = lambda q, k, v: att.flash_attention(q, k, v, block)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(flash)(q, k, v), reference(None)(q, k, v), atol=2e-6, rtol=1e-5)
+    loss, grads = loss_and_grads(flash, q, k, v)
+    loss0, grads0 = loss_and_grads(reference(None), q, k, v)
+    np.testing.assert_allclose(loss, loss0, rtol=1e-5)
+    for g, g0, name in zip(grads, grads0, "qkv"):
+        np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-4, err_msg=f"d/d{name}")
+
+
+def test_flash_attention_dropout_is_its_blocks_masks_in_both_passes():
+    """With dropout, the forward and backward passes use the same per-block masks: flash equals masked
+    attention built from exactly those masks, and the masks drop about `rate` of the probabilities."""
+    B, T, N, H, C, rate = 2, 40, 2, 8, 16, 0.3
+    q, k, v = qkv(B, T, N, H, seed=1)
+    key = jax.random.key(5)
+    masks = jnp.concatenate([att.flash_keep(key, g, (B, N, C, T), rate) for g in range(-(-T // C))], axis=2)[:, :, :T]
+
+    def masked(q, k, v):
+        s = jnp.einsum("BTNH,BSNH->BNTS", q, k) / jnp.sqrt(jnp.float32(H))
+        p = jax.nn.softmax(jnp.where(att.causal_mask(T, T), s, jnp.finfo(jnp.float32).min), axis=-1)
+        return jnp.einsum("BNTS,BSNH->BTNH", p * masks, v)
+
+    flash = lambda q, k, v: att.flash_attention(q, k, v, C, rate, key)  # noqa: E731
+    loss, grads = loss_and_grads(flash, q, k, v)
+    loss0, grads0 = loss_and_grads(masked, q, k, v)
+    np.testing.assert_allclose(loss, loss0, rtol=1e-5)
+    for g, g0, name in zip(grads, grads0, "qkv"):
+        np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-4, err_msg=f"d/d{name}")
+    assert abs(float((masks == 0).mean()) - rate) < 0.03
+
+
+def test_long_dense_layers_take_flash_attention_and_its_memory_stays_linear(monkeypatch):
+    """The blockwise path hands dense layers of FLASH_MIN_T or more positions to flash_attention: the same
+    result as the reference, and a compiled backward whose memory grows about linearly with T."""
+    q, k, v = qkv(1, 96, 2, 8)
+    calls = []
+    real = att.flash_attention
+    monkeypatch.setattr(att, "flash_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(att, "FLASH_MIN_T", 64)
+    out = att.attention(q, k, v, impl="blockwise")
+    assert calls and np.allclose(out, reference(None)(q, k, v), atol=2e-6)
+
+    def peak(fn, T):
+        x = jax.ShapeDtypeStruct((1, T, 2, 16), jnp.float32)
+        grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2)))
+        m = grad.lower(x, x, x).compile().memory_analysis()
+        return m.temp_size_in_bytes
+
+    flash = [peak(lambda q, k, v: real(q, k, v, 128), T) for T in (1024, 2048)]
+    dense = [peak(reference(None), T) for T in (1024, 2048)]
+    assert flash[1] / flash[0] < 2.2, flash  # linear in T (plus the blocks' C x T scores)
+    assert dense[1] > 8 * flash[1], (flash, dense)
+
+
 def test_blockwise_cost_grows_linearly_with_length():
     """The compiled banded path's FLOPs double when T doubles; dense attention's quadruple."""
     def attn_flops(fn, T):
