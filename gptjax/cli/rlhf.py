@@ -1,0 +1,74 @@
+"""InstructGPT's post-training stages (Ouyang et al. 2022), each an ordinary run directory started from its parent
+run with init_from, its config.json recording the lineage.
+
+  python rlhf.py sft runs/tiny --data demos.jsonl                          # runs/sft; 5% held out by prompt hash
+  python rlhf.py sft runs/tiny --data demos.jsonl --val held_out.jsonl --run-dir runs/sft-code epochs=4
+  python rlhf.py sft runs/gpt2 --data demos.jsonl batch_size=8 max_len=512 optim.lr=1e-5 mesh.fsdp=-1
+  python rlhf.py sft --list-keys
+
+sft: next-token loss on the response tokens only, several demonstrations packed into a row where they fit (see
+gptjax/rlhf/sft.py for the details and every deviation from the paper). --data is a JSONL file with one
+{"prompt": "...", "response": "..."} object per line. Rerunning the same command resumes. The result is a
+language model: python eval.py RUN_DIR and python sample.py RUN_DIR read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from gptjax import distributed
+
+    top = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    sft = sub.add_parser("sft", help="supervised fine-tuning on demonstrations", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    sft.add_argument("init_from", nargs="?", default=None,
+                     help="the pretrained run directory (RUN_DIR or RUN_DIR@STEP)")
+    sft.add_argument("--data", default=None, help="a JSONL file of {\"prompt\", \"response\"} demonstrations")
+    sft.add_argument("--val", default=None, help="a held-out JSONL file (default: 5%% of --data, by prompt hash)")
+    sft.add_argument("--run-dir", default=None, help="where the SFT run goes (default runs/sft)")
+    sft.add_argument("--list-keys", action="store_true", help="print every overridable key with its default")
+    sft.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. epochs=4 optim.lr=3e-5 pack=false")
+    distributed.add_cli_flags(sft)
+    return top, {"sft": sft}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top, stages = _parsers()
+    if not argv or argv[0] not in stages:
+        top.parse_args(argv)  # help, or the usage error naming the stages
+        return 2
+    # each stage parses on its own: argparse cannot intermix options and positionals under subcommands
+    args = stages[argv[0]].parse_intermixed_args(argv[1:])
+    args.stage = argv[0]
+    from gptjax.errors import run_command
+
+    return run_command(_STAGES[args.stage], args)
+
+
+def _sft(args) -> int:
+    from gptjax import config as config_lib
+    from gptjax import distributed
+    from gptjax.rlhf.config import SFTConfig, resolve_sft
+
+    if args.list_keys:
+        flat = config_lib.flatten(config_lib.to_dict(SFTConfig()))
+        print("\n".join(f"{k} = {v!r}" for k, v in flat.items()))
+        return 0
+    named = {"init_from": args.init_from, "data": args.data, "val": args.val, "run_dir": args.run_dir}
+    cfg = resolve_sft([f"{k}={v}" for k, v in named.items() if v] + list(args.overrides))
+    distributed.initialize(args)
+    from gptjax.rlhf.sft import sft
+
+    sft(cfg)
+    return 0
+
+
+_STAGES = {"sft": _sft}
+
+if __name__ == "__main__":
+    sys.exit(main())

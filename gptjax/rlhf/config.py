@@ -1,0 +1,90 @@
+"""The RLHF stages' root configs: typed, frozen, overridable with key.sub=value like TrainConfig (the same loader,
+config.from_dict / apply_overrides, which runs the validation registered in config.VALIDATORS).
+
+SFTConfig's defaults are InstructGPT's SFT settings (Ouyang et al. 2022, appendix C.1) where they carry over to
+any model size: 16 epochs, cosine learning-rate decay to 10% of the peak, residual dropout 0.2, batch 32. The
+paper's learning rate (9.65e-6 for 1.3B and 6B, 5.03e-6 for 175B, from a geometric search) is tuned for those
+sizes; 1e-4 is the default here, a rate that moves the small models this repository trains in minutes without
+wrecking them (set optim.lr for big ones). The paper uses no warmup; here it is 2% of the steps (warmup_fraction=0
+restores the paper's schedule), cheap insurance against the first Adam steps on a small batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from gptjax import config as config_lib
+from gptjax.config import CheckpointConfig, LogConfig, MeshConfig, OptimConfig, ProfileConfig
+from gptjax.errors import ConfigError
+
+# Built-in demonstration sets, by name: name -> fn(data_cfg, seed) -> (train records, val records), each record
+# {"prompt": str, "response": str}; data_cfg is the parent run's DataConfig (the corpus a set may be cut from).
+# Empty for now: another module registers its sets here (BUILTIN[name] = fn). Until then `data` must be a file.
+BUILTIN: dict[str, Callable] = {}
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    init_from: str = ""  # the pretrained run, RUN_DIR or RUN_DIR@STEP
+    data: str = ""  # a JSONL file of {"prompt": str, "response": str} records, or a built-in set's name
+    val: str = ""  # a held-out JSONL file ("": a deterministic 5% of data's records, chosen by a hash of the prompt)
+    epochs: float = 16.0  # the paper's 16 (it reports overfitting in validation loss after one; see summary.json)
+    steps: int = 0  # 0: epochs over the packed training rows
+    batch_size: int = 32  # rows (of max_len + 1 tokens, several examples each when packed) per step
+    max_len: int = 0  # 0: the model's context; an example longer than this loses the end of its response
+    pack: bool = True  # several examples per row where they fit (False: one example per row)
+    resid_pdrop: float = 0.2  # the model's residual dropout while fine-tuning (embd/attn dropout stay the parent's)
+    warmup_fraction: float = 0.02  # of the steps; optim.warmup_steps > 0 sets a number of steps instead
+    eval_every: int = 0  # 0: at the end of every epoch (and always at step 0 and at the end)
+    eval_batch_size: int = 32
+    seed: int = 0
+    run_dir: str = "runs/sft"
+    log_every: int = 10
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, min_lr_ratio=0.1, decay="cosine",
+                                                                    warmup_steps=0, weight_decay=0.1))
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    # every=0: a checkpoint at every evaluation (the end of each epoch unless eval_every says otherwise)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=0, keep=2))
+    log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+def validate_sft(cfg: SFTConfig) -> SFTConfig:
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.init_from, "give the pretrained run to start from: rlhf.py sft RUN_DIR --data FILE (init_from=RUN_DIR)")
+    need(cfg.data, "give the demonstrations: rlhf.py sft RUN_DIR --data FILE (a JSONL file of {\"prompt\", "
+                   "\"response\"} records)" + (f" or a built-in set ({', '.join(BUILTIN)})" if BUILTIN else ""))
+    need(cfg.run_dir, "run_dir must not be empty (default runs/sft)")
+    need(cfg.epochs > 0 or cfg.steps > 0, "epochs (or steps) must be positive")
+    need(cfg.steps >= 0, f"steps must be >= 0 (0: epochs over the training rows), got {cfg.steps}")
+    need(cfg.batch_size > 0 and cfg.eval_batch_size > 0, "batch_size and eval_batch_size must be positive")
+    need(cfg.max_len == 0 or cfg.max_len >= 2, f"max_len must be 0 (the model's context) or at least 2, got "
+                                               f"{cfg.max_len}")
+    need(0 <= cfg.resid_pdrop < 1, f"resid_pdrop must be in [0, 1), got {cfg.resid_pdrop}")
+    need(0 <= cfg.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
+    need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0: at the end of every epoch), got {cfg.eval_every}")
+    need(cfg.log_every > 0, f"log_every must be positive, got {cfg.log_every}")
+    need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep > 0, "checkpoint.every must be >= 0 (0: at every "
+                                                                "evaluation) and checkpoint.keep positive")
+    config_lib.check_mesh(cfg.mesh)
+    config_lib.check_optim(cfg.optim)
+    config_lib.check_log(cfg.log, cfg.profile)
+    for key in ("init_from", "run_dir", "data", "val"):
+        config_lib.check_local_path(key, getattr(cfg, key))
+    run, _ = config_lib.split_init_from(cfg.init_from)
+    need(Path(cfg.run_dir).absolute() != Path(run).absolute(),
+         f"the run directory {cfg.run_dir} is the pretrained run itself; fine-tune into another --run-dir")
+    return cfg
+
+
+config_lib.VALIDATORS[SFTConfig] = validate_sft
+
+
+def resolve_sft(overrides: list[str]) -> SFTConfig:
+    """Defaults, then key.sub=value overrides (typed, with did-you-mean), then validation."""
+    return config_lib.apply_overrides(SFTConfig(), overrides)

@@ -1,0 +1,10 @@
+"""InstructGPT's post-training stages: `python rlhf.py sft RUN_DIR --data FILE` (supervised fine-tuning).
+
+The command lives in gptjax/cli/rlhf.py (installed as `gptjax-rlhf`); `python rlhf.py --help` shows its usage."""
+
+import sys
+
+from gptjax.cli.rlhf import main
+
+if __name__ == "__main__":
+    sys.exit(main())
