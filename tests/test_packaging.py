@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, TINY_MODEL
 
-COMMANDS = ("train", "finetune", "eval", "sample", "convert", "scaling", "plot")
+COMMANDS = ("train", "finetune", "rlhf", "eval", "sample", "convert", "scaling", "plot")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,11 @@
 """InstructGPT (Ouyang et al. 2022): supervised fine-tuning, a reward model from K-way rankings, PPO with a KL
-penalty and PPO-ptx. The losses are pure functions in losses.py (built and tested); the stages, apart from them
-(sft, reward, ppo, rollout; not built yet), will hand them to gptjax.train.loop, each started from its parent stage's run
-with init_from so config.json records the lineage pretrain -> sft -> reward -> ppo."""
+penalty and PPO-ptx.
+
+  losses.py     the pure losses (masked LM, ranking loss, KL rewards, GAE, whitening, clipped PPO objectives)
+  code_task.py  the offline demonstration: prompts and demonstrations from the corpus, programmatic labelers
+  config.py     the stages' root configs
+  sft.py        supervised fine-tuning on demonstrations (python rlhf.py sft)
+
+Each stage hands its loss to gptjax.train.loop and is started from its parent stage's run with init_from, so
+config.json records the lineage pretrain -> sft -> reward -> ppo. The reward-model and PPO stages are not built
+yet."""

@@ -20,9 +20,19 @@ from gptjax.config import CheckpointConfig, LogConfig, MeshConfig, OptimConfig, 
 from gptjax.errors import ConfigError
 
 # Built-in demonstration sets, by name: name -> fn(data_cfg, seed) -> (train records, val records), each record
-# {"prompt": str, "response": str}; data_cfg is the parent run's DataConfig (the corpus a set may be cut from).
-# Empty for now: another module registers its sets here (BUILTIN[name] = fn). Until then `data` must be a file.
-BUILTIN: dict[str, Callable] = {}
+# {"prompt": str, "response": str}; data_cfg is the parent run's DataConfig (the corpus a set is cut from).
+
+
+def _code_demos(data_cfg, seed: int):
+    """The code task's demonstrations (code_task.py): a function's signature, docstring and first line, then its
+    real body; training items from the corpus's training files, held-out items from its held-out files."""
+    from gptjax.rlhf import code_task
+
+    return tuple([{"prompt": e.prompt, "response": e.response} for e in code_task.prompts(split, data_cfg=data_cfg)]
+                 for split in ("train", "val"))
+
+
+BUILTIN: dict[str, Callable] = {"code": _code_demos}
 
 
 @dataclass(frozen=True)

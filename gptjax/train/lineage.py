@@ -26,6 +26,9 @@ from gptjax.data import Tokenizer, load_tokenizer
 from gptjax.errors import CheckpointError
 
 
+LM_STAGES = ("pretrain", "sft")  # runs whose weights are a plain language model (SFT only changes the data)
+
+
 @dataclass
 class Parent:
     run_dir: Path
@@ -43,9 +46,9 @@ def open_parent(spec: str, log=print) -> Parent:
     except CheckpointError as e:
         raise CheckpointError(f"init_from={spec}: {e}") from None
     ckpts.close()
-    if stored.get("stage", "pretrain") != "pretrain":
+    if stored.get("stage", "pretrain") not in LM_STAGES:
         raise CheckpointError(f"init_from={spec} is a {stored['stage']} run (it has a task head); start from a "
-                              f"pretraining run (or one made by convert.py from-hf)")
+                              f"pretraining or SFT run (or one made by convert.py from-hf)")
     return Parent(Path(run), step, config_lib.stored_train_config(stored), list(stored.get("lineage", [])),
                   load_tokenizer(run))
 
