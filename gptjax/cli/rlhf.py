@@ -5,11 +5,21 @@ run with init_from, its config.json recording the lineage.
   python rlhf.py sft runs/tiny --data demos.jsonl --val held_out.jsonl --run-dir runs/sft-code epochs=4
   python rlhf.py sft runs/gpt2 --data demos.jsonl batch_size=8 max_len=512 optim.lr=1e-5 mesh.fsdp=-1
   python rlhf.py sft --list-keys
+  python rlhf.py reward runs/sft --data rankings.jsonl                     # runs/reward; bias on the SFT's demos
+  python rlhf.py reward runs/sft --data rankings.jsonl --val held_out.jsonl eval_labelers=balanced,reviewer
+  python rlhf.py reward runs/tiny --data rankings.jsonl --demos demos.jsonl --run-dir runs/rm batch_size=16
+  python rlhf.py reward --list-keys
 
 sft: next-token loss on the response tokens only, several demonstrations packed into a row where they fit (see
 gptjax/rlhf/sft.py for the details and every deviation from the paper). --data is a JSONL file with one
 {"prompt": "...", "response": "..."} object per line. Rerunning the same command resumes. The result is a
 language model: python eval.py RUN_DIR and python sample.py RUN_DIR read it.
+
+reward: a scalar head on the SFT model, read at each completion's end token, trained on K-way rankings (one JSON
+object per line: {"prompt", "completions": [...], "ended": [...], "ranks": [...], "labeler"}, rank 0 the best,
+equal ranks ties); held-out pairwise accuracy at step 0, each epoch and the end; then a bias so that the
+demonstrations (--demos, or the parent SFT run's own) score 0 on average. gptjax/rlhf/reward.py has the details
+and every deviation from the paper; reward.load_reward_model(RUN_DIR) loads the result for scoring.
 """
 
 from __future__ import annotations
@@ -33,7 +43,20 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sft.add_argument("--list-keys", action="store_true", help="print every overridable key with its default")
     sft.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. epochs=4 optim.lr=3e-5 pack=false")
     distributed.add_cli_flags(sft)
-    return top, {"sft": sft}
+    rm = sub.add_parser("reward", help="a reward model from K-way rankings", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rm.add_argument("init_from", nargs="?", default=None,
+                    help="the SFT (or pretrained) run directory (RUN_DIR or RUN_DIR@STEP)")
+    rm.add_argument("--data", default=None, help="a JSONL file of ranking records")
+    rm.add_argument("--val", default=None, help="a held-out JSONL file of rankings (default: 5%% of --data's "
+                                                "prompts, by hash)")
+    rm.add_argument("--demos", default=None, help="the demonstrations that set the bias: a JSONL file of "
+                                                  "{\"prompt\", \"response\"} (default: the parent SFT run's own)")
+    rm.add_argument("--run-dir", default=None, help="where the reward-model run goes (default runs/reward)")
+    rm.add_argument("--list-keys", action="store_true", help="print every overridable key with its default")
+    rm.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. batch_size=16 optim.lr=1e-5")
+    distributed.add_cli_flags(rm)
+    return top, {"sft": sft, "reward": rm}
 
 
 def main(argv=None) -> int:
@@ -68,7 +91,26 @@ def _sft(args) -> int:
     return 0
 
 
-_STAGES = {"sft": _sft}
+def _reward(args) -> int:
+    from gptjax import config as config_lib
+    from gptjax import distributed
+    from gptjax.rlhf.config import RewardConfig, resolve_reward
+
+    if args.list_keys:
+        flat = config_lib.flatten(config_lib.to_dict(RewardConfig()))
+        print("\n".join(f"{k} = {v!r}" for k, v in flat.items()))
+        return 0
+    named = {"init_from": args.init_from, "data": args.data, "val": args.val, "demos": args.demos,
+             "run_dir": args.run_dir}
+    cfg = resolve_reward([f"{k}={v}" for k, v in named.items() if v] + list(args.overrides))
+    distributed.initialize(args)
+    from gptjax.rlhf.reward import train_reward
+
+    train_reward(cfg)
+    return 0
+
+
+_STAGES = {"sft": _sft, "reward": _reward}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,13 @@ paper's learning rate (9.65e-6 for 1.3B and 6B, 5.03e-6 for 175B, from a geometr
 sizes; 1e-4 is the default here, a rate that moves the small models this repository trains in minutes without
 wrecking them (set optim.lr for big ones). The paper uses no warmup; here it is 2% of the steps (warmup_fraction=0
 restores the paper's schedule), cheap insurance against the first Adam steps on a small batch.
+
+RewardConfig's defaults are InstructGPT's reward-model settings (appendix C.2) where they carry over: one epoch
+(the paper's reward models overfit after one), batch 64 prompts (each with all its K completions), cosine decay
+to 10% of the peak. The paper's learning rate, 9e-6, is for its 6B reward model; 5e-5 is the default here: the
+stage trains a freshly initialised scalar head, and an epoch of our ranking sets is tens to a few hundred steps,
+in which 9e-6 hardly moves a small model (set optim.lr=9e-6 for a big model on a big data set). Dropout is 0 (the
+paper gives none for the reward model) and warmup 2% of the steps, as for SFT.
 """
 
 from __future__ import annotations
@@ -98,3 +105,81 @@ config_lib.VALIDATORS[SFTConfig] = validate_sft
 def resolve_sft(overrides: list[str]) -> SFTConfig:
     """Defaults, then key.sub=value overrides (typed, with did-you-mean), then validation."""
     return config_lib.apply_overrides(SFTConfig(), overrides)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    init_from: str = ""  # the SFT (or pretrained) run, RUN_DIR or RUN_DIR@STEP
+    data: str = ""  # a JSONL file of ranking records {"prompt", "completions", "ended", "ranks", "labeler"}
+    val: str = ""  # a held-out JSONL file of rankings ("": a deterministic 5% of data's prompts, by a hash)
+    # the demonstrations whose mean reward the bias sets to 0: a JSONL file of {"prompt", "response"} or a built-in
+    # set's name; "": the parent SFT run's own demonstrations (then required when the parent is a pretrained run)
+    demos: str = ""
+    demos_limit: int = 0  # 0: every demonstration; else a seeded subset of this many sets the bias
+    eval_labelers: str = ""  # comma-separated labeler names with a held-out accuracy each ("": every one found)
+    epochs: float = 1.0  # the paper's one (its reward models overfit after it)
+    steps: int = 0  # 0: epochs over the training prompts
+    batch_size: int = 64  # prompts per step, each with all its K completions (the paper's 64)
+    max_len: int = 0  # 0: the model's context; prompt + completion (+ EOT) longer than this loses the end
+    dropout: float = 0.0  # embedding, attention and residual dropout while training the reward model
+    warmup_fraction: float = 0.02  # of the steps; optim.warmup_steps > 0 sets a number of steps instead
+    eval_every: int = 0  # 0: at the end of every epoch (and always at step 0 and at the end)
+    eval_batch_size: int = 64  # sequences (completions) per scoring batch
+    seed: int = 0
+    run_dir: str = "runs/reward"
+    log_every: int = 10
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, min_lr_ratio=0.1, decay="cosine",
+                                                                    warmup_steps=0, weight_decay=0.1))
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    # every=0: a checkpoint at every evaluation (the end of each epoch unless eval_every says otherwise)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=0, keep=2))
+    log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+def labeler_names(cfg: RewardConfig) -> tuple[str, ...]:
+    """eval_labelers as names (empty: every labeler the held-out records name)."""
+    return tuple(n.strip() for n in cfg.eval_labelers.split(",") if n.strip())
+
+
+def validate_reward(cfg: RewardConfig) -> RewardConfig:
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.init_from, "give the SFT (or pretrained) run to start from: rlhf.py reward RUN_DIR --data FILE "
+                        "(init_from=RUN_DIR)")
+    need(cfg.data, "give the rankings: rlhf.py reward RUN_DIR --data FILE (a JSONL file of {\"prompt\", "
+                   "\"completions\", \"ended\", \"ranks\"} records)")
+    need(cfg.run_dir, "run_dir must not be empty (default runs/reward)")
+    need(cfg.epochs > 0 or cfg.steps > 0, "epochs (or steps) must be positive")
+    need(cfg.steps >= 0, f"steps must be >= 0 (0: epochs over the training prompts), got {cfg.steps}")
+    need(cfg.batch_size > 0 and cfg.eval_batch_size > 0, "batch_size and eval_batch_size must be positive")
+    need(cfg.max_len == 0 or cfg.max_len >= 2, f"max_len must be 0 (the model's context) or at least 2, got "
+                                               f"{cfg.max_len}")
+    need(cfg.demos_limit >= 0, f"demos_limit must be >= 0 (0: every demonstration), got {cfg.demos_limit}")
+    need(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
+    need(0 <= cfg.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
+    need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0: at the end of every epoch), got {cfg.eval_every}")
+    need(cfg.log_every > 0, f"log_every must be positive, got {cfg.log_every}")
+    need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep > 0, "checkpoint.every must be >= 0 (0: at every "
+                                                                "evaluation) and checkpoint.keep positive")
+    names = labeler_names(cfg)
+    need(len(set(names)) == len(names), f"eval_labelers names a labeler twice: {cfg.eval_labelers!r}")
+    config_lib.check_mesh(cfg.mesh)
+    config_lib.check_optim(cfg.optim)
+    config_lib.check_log(cfg.log, cfg.profile)
+    for key in ("init_from", "run_dir", "data", "val", "demos"):
+        config_lib.check_local_path(key, getattr(cfg, key))
+    run, _ = config_lib.split_init_from(cfg.init_from)
+    need(Path(cfg.run_dir).absolute() != Path(run).absolute(),
+         f"the run directory {cfg.run_dir} is the parent run itself; train the reward model into another --run-dir")
+    return cfg
+
+
+config_lib.VALIDATORS[RewardConfig] = validate_reward
+
+
+def resolve_reward(overrides: list[str]) -> RewardConfig:
+    """Defaults, then key.sub=value overrides (typed, with did-you-mean), then validation."""
+    return config_lib.apply_overrides(RewardConfig(), overrides)
