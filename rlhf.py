@@ -1,4 +1,4 @@
-"""InstructGPT's post-training stages: `python rlhf.py sft RUN_DIR --data FILE` (supervised fine-tuning).
+"""InstructGPT's post-training stages: `python rlhf.py sft|rank|reward ...` (SFT, rankings, reward model).
 
 The command lives in gptjax/cli/rlhf.py (installed as `gptjax-rlhf`); `python rlhf.py --help` shows its usage."""
 

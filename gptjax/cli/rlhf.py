@@ -5,6 +5,9 @@ run with init_from, its config.json recording the lineage.
   python rlhf.py sft runs/tiny --data demos.jsonl --val held_out.jsonl --run-dir runs/sft-code epochs=4
   python rlhf.py sft runs/gpt2 --data demos.jsonl batch_size=8 max_len=512 optim.lr=1e-5 mesh.fsdp=-1
   python rlhf.py sft --list-keys
+  python rlhf.py sft runs/tiny --data code                                 # the built-in code demonstrations
+  python rlhf.py rank runs/sft --out rankings.jsonl --n 200 --k 4         # K samples per prompt, labelers rank them
+  python rlhf.py rank runs/sft --out val_rankings.jsonl --split val --labelers all
   python rlhf.py reward runs/sft --data rankings.jsonl                     # runs/reward; bias on the SFT's demos
   python rlhf.py reward runs/sft --data rankings.jsonl --val held_out.jsonl eval_labelers=balanced,reviewer
   python rlhf.py reward runs/tiny --data rankings.jsonl --demos demos.jsonl --run-dir runs/rm batch_size=16
@@ -14,6 +17,11 @@ sft: next-token loss on the response tokens only, several demonstrations packed 
 gptjax/rlhf/sft.py for the details and every deviation from the paper). --data is a JSONL file with one
 {"prompt": "...", "response": "..."} object per line. Rerunning the same command resumes. The result is a
 language model: python eval.py RUN_DIR and python sample.py RUN_DIR read it.
+
+rank: K completions for each of --n prompts of the code task (gptjax/rlhf/code_task.py: function signatures
+with docstrings from the corpus, --split train or val by held-out file) from the run's policy with the compiled
+KV-cache sampler, ranked by the programmatic labelers (--labelers train, heldout, all, or names), written as the
+JSONL the reward stage reads; a report beside it (OUT.report.json) has the labelers' agreement on those samples.
 
 reward: a scalar head on the SFT model, read at each completion's end token, trained on K-way rankings (one JSON
 object per line: {"prompt", "completions": [...], "ended": [...], "ranks": [...], "labeler"}, rank 0 the best,
@@ -56,7 +64,18 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     rm.add_argument("--list-keys", action="store_true", help="print every overridable key with its default")
     rm.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. batch_size=16 optim.lr=1e-5")
     distributed.add_cli_flags(rm)
-    return top, {"sft": sft, "reward": rm}
+    rk = sub.add_parser("rank", help="K sampled completions per prompt, ranked by the programmatic labelers",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rk.add_argument("init_from", help="the policy's run directory (RUN_DIR or RUN_DIR@STEP), e.g. an SFT run")
+    rk.add_argument("--out", required=True, help="the rankings JSONL to write")
+    rk.add_argument("--split", default="train", choices=("train", "val"), help="prompts from training or held-out files")
+    rk.add_argument("--n", type=int, default=200, help="prompts")
+    rk.add_argument("--k", type=int, default=4, help="completions per prompt, 4..9 (0: drawn per prompt)")
+    rk.add_argument("--labelers", default="train", help="train, heldout, all, or comma-separated names")
+    rk.add_argument("--max-new-tokens", type=int, default=128)
+    rk.add_argument("--temperature", type=float, default=1.0)
+    rk.add_argument("--seed", type=int, default=0)
+    return top, {"sft": sft, "reward": rm, "rank": rk}
 
 
 def main(argv=None) -> int:
@@ -110,7 +129,20 @@ def _reward(args) -> int:
     return 0
 
 
-_STAGES = {"sft": _sft, "reward": _reward}
+def _rank(args) -> int:
+    import json
+    from pathlib import Path
+
+    from gptjax.config import write_atomic
+    from gptjax.rlhf.rank import rank_command
+
+    report = rank_command(args.init_from, args.out, args.split, args.n, args.k, args.labelers, args.seed,
+                          args.max_new_tokens, args.temperature)
+    write_atomic(Path(str(args.out) + ".report.json"), json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+_STAGES = {"sft": _sft, "reward": _reward, "rank": _rank}
 
 if __name__ == "__main__":
     sys.exit(main())

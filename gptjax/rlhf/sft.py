@@ -182,6 +182,15 @@ def encode_demos(tok, demos: list[Demo], max_len: int, context: int) -> list[Exa
     return [encode_demo(tok, d, max_len, context, p, r) for d, p, r in zip(demos, prompts, responses)]
 
 
+def fitting(tok, demos: list[Demo], max_len: int) -> list[Demo]:
+    """The demonstrations whose prompt + response + EOT fit in a row of max_len + 1 tokens whole."""
+    if not demos:
+        return []
+    prompts = tok.encode_batch([d.prompt for d in demos])
+    responses = tok.encode_batch([d.response for d in demos])
+    return [d for d, p, r in zip(demos, prompts, responses) if len(p) + len(r) + 1 <= max_len + 1]
+
+
 def pack(lengths: np.ndarray, order: np.ndarray, row_len: int, packed: bool = True) -> list[list[int]]:
     """Example indices per row: greedily in `order`, a new row whenever the next example does not fit in what the
     current one has left (packed=False: one example per row). Every index once; no row over row_len tokens."""
@@ -334,6 +343,12 @@ def prepare(cfg: SFTConfig, parent_cfg: TrainConfig, tok) -> Prepared:
     context = parent_cfg.model.block_size
     max_len = min(cfg.max_len or context, context)
     train_demos, val_demos = load_demos(cfg, parent_cfg.data)
+    if cfg.data in BUILTIN:  # a built-in set is cut from a corpus for any context: keep what fits whole
+        train_demos, val_demos = (fitting(tok, d, max_len) for d in (train_demos, val_demos))
+        if not train_demos or not val_demos:
+            raise DataError(f"no demonstration of the built-in set '{cfg.data}' fits max_len={max_len} tokens with its "
+                            f"end ({len(train_demos)} training, {len(val_demos)} held out); raise max_len or use a "
+                            f"model with a longer context")
     train = encode_demos(tok, train_demos, max_len, context)
     val = encode_demos(tok, val_demos, max_len, context)
     pad_id = tok.pad_id if tok.pad_id != tok.eot_id else 0  # never the EOT (weights hide padding anyway)
