@@ -304,3 +304,27 @@ def test_rlhf_script_reports_a_typo_in_one_line(parent, demo_file, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "unknown key 'epochz'; did you mean 'epochs'" in line
+
+
+def test_a_builtin_set_keeps_the_demonstrations_that_fit_whole(parent, demo_file):
+    """A built-in set is cut from a corpus for any context: what does not fit whole (end-of-text included) is left
+    out, so nothing is truncated; a file keeps its records (and truncates or refuses them)."""
+    from gptjax import config as config_lib
+    from gptjax.data import load_tokenizer
+    from gptjax.errors import DataError
+    from gptjax.rlhf.config import BUILTIN, SFTConfig
+
+    tok = load_tokenizer(parent)
+    demos = sft_lib.read_demos(demo_file)
+    kept = sft_lib.fitting(tok, demos, 24)
+    assert 0 < len(kept) < len(demos)
+    assert all(len(tok.encode(d.prompt)) + len(tok.encode(d.response)) + 1 <= 25 for d in kept)
+    records = [{"prompt": d.prompt, "response": d.response} for d in demos]
+    parent_cfg = config_lib.load_json(parent / "config.json")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(BUILTIN, "tiny-set", lambda data_cfg, seed: (records[:100], records[100:]))
+        p = sft_lib.prepare(SFTConfig(init_from=str(parent), data="tiny-set", max_len=40), parent_cfg, tok)
+        assert len(p.train) == len(sft_lib.fitting(tok, demos[:100], 40)) < 100
+        assert not any(e.truncated for e in p.train + p.val)
+        with pytest.raises(DataError, match="no demonstration of the built-in set 'tiny-set' fits max_len=4"):
+            sft_lib.prepare(SFTConfig(init_from=str(parent), data="tiny-set", max_len=4), parent_cfg, tok)
