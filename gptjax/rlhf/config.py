@@ -183,3 +183,88 @@ config_lib.VALIDATORS[RewardConfig] = validate_reward
 def resolve_reward(overrides: list[str]) -> RewardConfig:
     """Defaults, then key.sub=value overrides (typed, with did-you-mean), then validation."""
     return config_lib.apply_overrides(RewardConfig(), overrides)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """InstructGPT's PPO stage (appendix C.4), as far as settings go: the stage that runs it (run directory,
+    resume, CLI) is not built yet; gptjax/rlhf/ppo.py has the pure core and one in-memory iteration.
+
+    beta=0.02, gamma=1, lam=0.95 and clip=0.2 are the paper's. ptx_coef is the weight of the pretraining
+    log-likelihood (PPO-ptx); the paper's gamma=27.8 multiplies a per-sequence log-likelihood summed against a
+    per-sequence RL objective, while here both the PPO losses and the pretraining term are means over tokens, so
+    the comparable value is far smaller and is a setting of its own (0: plain PPO, the default). vf_coef weights
+    the clipped value loss (the value model is a separate network, initialised from the reward run, with its own
+    AdamW). no_end_penalty is subtracted from the reward-model score of a completion that never ended (not in the
+    paper; 0 turns it off)."""
+
+    init_from: str = ""  # the SFT run (the policy's and the reference's start), RUN_DIR or RUN_DIR@STEP
+    reward: str = ""  # the reward-model run (the reward model, frozen, and the value model's start)
+    iterations: int = 100  # rollout + update rounds
+    prompts: int = 64  # prompts per iteration (k=1 completion each)
+    k: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    beta: float = 0.02
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    vf_clip: float = 0.2
+    vf_coef: float = 0.1
+    ppo_epochs: int = 4
+    minibatch: int = 16  # sequences per update; prompts * k must be a multiple of it
+    lr: float = 1e-5  # policy AdamW
+    value_lr: float = 0.0  # 0: the same as lr
+    ptx_coef: float = 0.0
+    no_end_penalty: float = 1.0
+    seed: int = 0
+    run_dir: str = "runs/ppo"
+    eval_every: int = 10  # iterations between held-out evaluations (0: only at the start and the end)
+    log_every: int = 1
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=10, keep=2))
+    log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+def validate_ppo(cfg: PPOConfig) -> PPOConfig:
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.init_from, "give the SFT run to start from: rlhf.py ppo SFT_RUN --reward RM_RUN (init_from=SFT_RUN)")
+    need(cfg.reward, "give the reward-model run: rlhf.py ppo SFT_RUN --reward RM_RUN (reward=RM_RUN)")
+    need(cfg.run_dir, "run_dir must not be empty (default runs/ppo)")
+    need(cfg.iterations > 0 and cfg.prompts > 0, "iterations and prompts must be positive")
+    need(cfg.k == 1, f"k must be 1 (one completion per prompt, as in the paper's PPO), got {cfg.k}")
+    need(cfg.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    need(cfg.temperature > 0, f"temperature must be positive (the log-probs are at logits / temperature), got "
+                              f"{cfg.temperature}")
+    need(cfg.beta >= 0 and cfg.ptx_coef >= 0 and cfg.vf_coef >= 0, "beta, ptx_coef and vf_coef must be >= 0")
+    need(0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1, f"gamma and lam must be in [0, 1], got {cfg.gamma}, {cfg.lam}")
+    need(cfg.clip > 0 and cfg.vf_clip > 0, "clip and vf_clip must be positive")
+    need(cfg.ppo_epochs >= 1, f"ppo_epochs must be at least 1, got {cfg.ppo_epochs}")
+    need(cfg.minibatch >= 1 and (cfg.prompts * cfg.k) % cfg.minibatch == 0,
+         f"minibatch ({cfg.minibatch}) must divide the rollouts per iteration (prompts * k = {cfg.prompts * cfg.k})")
+    need(cfg.lr > 0 and cfg.value_lr >= 0, "lr must be positive and value_lr >= 0 (0: lr)")
+    need(cfg.no_end_penalty >= 0, f"no_end_penalty must be >= 0 (it is subtracted), got {cfg.no_end_penalty}")
+    need(cfg.eval_every >= 0 and cfg.log_every > 0, "eval_every must be >= 0 and log_every positive")
+    need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep > 0, "checkpoint.every must be >= 0 and "
+                                                                "checkpoint.keep positive")
+    config_lib.check_mesh(cfg.mesh)
+    config_lib.check_log(cfg.log, cfg.profile)
+    for key in ("init_from", "reward", "run_dir"):
+        config_lib.check_local_path(key, getattr(cfg, key))
+    for key in ("init_from", "reward"):
+        run, _ = config_lib.split_init_from(getattr(cfg, key))
+        need(Path(cfg.run_dir).absolute() != Path(run).absolute(),
+             f"the run directory {cfg.run_dir} is the {key} run itself; train PPO into another --run-dir")
+    return cfg
+
+
+config_lib.VALIDATORS[PPOConfig] = validate_ppo
+
+
+def resolve_ppo(overrides: list[str]) -> PPOConfig:
+    """Defaults, then key.sub=value overrides (typed, with did-you-mean), then validation."""
+    return config_lib.apply_overrides(PPOConfig(), overrides)
