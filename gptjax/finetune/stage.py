@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gptjax import config as config_lib
 from gptjax import distributed, sharding
 from gptjax.checkpoint import Checkpoints
-from gptjax.errors import CheckpointError, TaskError
+from gptjax.errors import TaskError
 from gptjax.finetune import metrics as metrics_lib
 from gptjax.finetune import transform
 from gptjax.finetune.config import FinetuneConfig
@@ -345,29 +345,10 @@ IDENTITY = ("init_from", "init", "transfer_layers", "task", "val", "kind", "fiel
 
 
 def check_run_dir(cfg: FinetuneConfig, run_dir: Path, log) -> bool:
-    """Whether `run_dir` holds this fine-tuning run to resume. Refuses, before anything is written, a directory
-    that holds another kind of run or this task with other settings."""
-    from gptjax.checkpoint import complete_steps
-
-    if not complete_steps(run_dir / "checkpoints"):
-        return False
-    path = run_dir / "config.json"
-    stored = json.loads(path.read_text()) if path.exists() else {}
-    if stored.get("stage") != "finetune" or not (run_dir / "finetune.json").exists():
-        raise CheckpointError(f"{run_dir} holds checkpoints of a run that is not a fine-tuning run; fine-tune into "
-                              f"another --run-dir")
-    old = config_lib.to_dict(config_lib.from_dict(FinetuneConfig, {k: v for k, v in stored.items()
-                                                                   if k not in config_lib.RECORD_KEYS}))
-    new = config_lib.to_dict(cfg)
-    changed = [k for k in IDENTITY if old.get(k) != new.get(k)]
-    if changed:
-        k = changed[0]
-        raise CheckpointError(f"{run_dir} holds a fine-tuning run with {k}={old.get(k)!r}, not {new.get(k)!r}; "
-                              f"rerun it as it was, or fine-tune into another --run-dir")
-    other = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if k not in IDENTITY and k != "run_dir" and old[k] != new[k]]
-    if other:
-        log(f"note: resuming {run_dir} with changed settings: {'; '.join(other[:6])}")
-    return True
+    """Whether `run_dir` holds this fine-tuning run to resume (loop.check_stage_run_dir: another kind of run, or
+    this task with other settings, is refused before anything is written)."""
+    return loop.check_stage_run_dir(cfg, run_dir, stage="finetune", record="finetune.json", identity=IDENTITY,
+                                    what="a fine-tuning run", into="fine-tune into", log=log)
 
 
 def _finetune(cfg, run_dir: Path, main: bool, t_start: float, devices, log) -> dict:

@@ -589,27 +589,10 @@ IDENTITY = ("init_from", "data", "val", "epochs", "steps", "batch_size", "max_le
 
 
 def check_run_dir(cfg: RewardConfig, run_dir: Path, log) -> bool:
-    """Whether `run_dir` holds this reward-model run to resume. Refuses, before anything is written, a directory
-    that holds another kind of run or a reward-model run with other settings."""
-    if not complete_steps(run_dir / "checkpoints"):
-        return False
-    path = run_dir / "config.json"
-    stored = config_lib.read_config(path, f"run_dir={run_dir}") if path.exists() else {}
-    if stored.get("stage") != "reward" or not (run_dir / "reward.json").exists():
-        raise CheckpointError(f"{run_dir} holds checkpoints of a run that is not a reward-model run; train into "
-                              f"another --run-dir")
-    old = config_lib.to_dict(config_lib.from_dict(RewardConfig, {k: v for k, v in stored.items()
-                                                                  if k not in config_lib.RECORD_KEYS}))
-    new = config_lib.to_dict(cfg)
-    changed = [k for k in IDENTITY if old.get(k) != new.get(k)]
-    if changed:
-        k = changed[0]
-        raise CheckpointError(f"{run_dir} holds a reward-model run with {k}={old.get(k)!r}, not {new.get(k)!r}; rerun "
-                              f"it as it was, or train into another --run-dir")
-    other = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if k not in IDENTITY and k != "run_dir" and old[k] != new[k]]
-    if other:
-        log(f"note: resuming {run_dir} with changed settings: {'; '.join(other[:6])}")
-    return True
+    """Whether `run_dir` holds this reward-model run to resume (loop.check_stage_run_dir: another kind of run, or
+    a reward-model run with other settings, is refused before anything is written)."""
+    return loop.check_stage_run_dir(cfg, run_dir, stage="reward", record="reward.json", identity=IDENTITY,
+                                    what="a reward-model run", into="train into", log=log)
 
 
 def train_reward(cfg: RewardConfig, *, devices=None, log=print) -> dict:

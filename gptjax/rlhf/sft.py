@@ -56,9 +56,9 @@ from jax.sharding import PartitionSpec as P
 from gptjax import config as config_lib
 from gptjax import distributed, sharding
 from gptjax import flops as flops_lib
-from gptjax.checkpoint import Checkpoints, complete_steps
+from gptjax.checkpoint import Checkpoints
 from gptjax.config import TrainConfig
-from gptjax.errors import CheckpointError, ConfigError, DataError
+from gptjax.errors import ConfigError, DataError
 from gptjax.model import Params, hidden
 from gptjax.rlhf.config import BUILTIN, SFTConfig
 from gptjax.rlhf.losses import masked_lm_loss
@@ -367,27 +367,10 @@ IDENTITY = ("init_from", "data", "val", "epochs", "steps", "batch_size", "max_le
 
 
 def check_run_dir(cfg: SFTConfig, run_dir: Path, log) -> bool:
-    """Whether `run_dir` holds this SFT run to resume. Refuses, before anything is written, a directory that holds
-    another kind of run or an SFT run with other settings."""
-    if not complete_steps(run_dir / "checkpoints"):
-        return False
-    path = run_dir / "config.json"
-    stored = config_lib.read_config(path, f"run_dir={run_dir}") if path.exists() else {}
-    if stored.get("stage") != "sft" or not (run_dir / "sft.json").exists():
-        raise CheckpointError(f"{run_dir} holds checkpoints of a run that is not an SFT run; fine-tune into another "
-                              f"--run-dir")
-    old = config_lib.to_dict(config_lib.from_dict(SFTConfig, {k: v for k, v in stored.items()
-                                                               if k not in config_lib.RECORD_KEYS}))
-    new = config_lib.to_dict(cfg)
-    changed = [k for k in IDENTITY if old.get(k) != new.get(k)]
-    if changed:
-        k = changed[0]
-        raise CheckpointError(f"{run_dir} holds an SFT run with {k}={old.get(k)!r}, not {new.get(k)!r}; rerun it as "
-                              f"it was, or fine-tune into another --run-dir")
-    other = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if k not in IDENTITY and k != "run_dir" and old[k] != new[k]]
-    if other:
-        log(f"note: resuming {run_dir} with changed settings: {'; '.join(other[:6])}")
-    return True
+    """Whether `run_dir` holds this SFT run to resume (loop.check_stage_run_dir: another kind of run, or an SFT
+    run with other settings, is refused before anything is written)."""
+    return loop.check_stage_run_dir(cfg, run_dir, stage="sft", record="sft.json", identity=IDENTITY,
+                                    what="an SFT run", into="fine-tune into", log=log)
 
 
 def sft(cfg: SFTConfig, *, devices=None, log=print) -> dict:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from gptjax import distributed
 from gptjax.checkpoint import Checkpoints, complete_steps
+from gptjax import config as config_lib
 from gptjax.config import LogConfig
 from gptjax.errors import CheckpointError, NonFiniteLoss, Preempted, RunDirBusy
 from gptjax.train import tracking
@@ -300,3 +301,30 @@ def run(stage: Stage, ckpts: Checkpoints, metrics: MetricsLog, *, fresh_state: C
         ckpts.wait()  # never exit with a good checkpoint half-written
         preemption.restore()
     return LoopResult(state, start, time.time() - t_loop, rates)
+
+
+def check_stage_run_dir(cfg, run_dir: Path, *, stage: str, record: str, identity: tuple[str, ...], what: str,
+                        into: str, log) -> bool:
+    """Whether `run_dir` holds this post-training run (`cfg`, a stage's root config) to resume. Refuses, before
+    anything is written, a directory holding checkpoints of another kind of run (config.json's stage is not
+    `stage`, or the stage's `record` file is missing) or of this kind with another `identity` setting (those
+    that make the run what it is); other changed settings are noted. `what` names the kind ("an SFT run"),
+    `into` the fix's verb ("fine-tune into")."""
+    if not complete_steps(run_dir / "checkpoints"):
+        return False
+    path = run_dir / "config.json"
+    stored = config_lib.read_config(path, f"run_dir={run_dir}") if path.exists() else {}
+    if stored.get("stage") != stage or not (run_dir / record).exists():
+        raise CheckpointError(f"{run_dir} holds checkpoints of a run that is not {what}; {into} another --run-dir")
+    old = config_lib.to_dict(config_lib.from_dict(type(cfg), {k: v for k, v in stored.items()
+                                                              if k not in config_lib.RECORD_KEYS}))
+    new = config_lib.to_dict(cfg)
+    changed = [k for k in identity if old.get(k) != new.get(k)]
+    if changed:
+        k = changed[0]
+        raise CheckpointError(f"{run_dir} holds {what} with {k}={old.get(k)!r}, not {new.get(k)!r}; rerun it as it "
+                              f"was, or {into} another --run-dir")
+    other = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if k not in identity and k != "run_dir" and old[k] != new[k]]
+    if other:
+        log(f"note: resuming {run_dir} with changed settings: {'; '.join(other[:6])}")
+    return True
