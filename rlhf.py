@@ -1,4 +1,4 @@
-"""InstructGPT's post-training stages: `python rlhf.py sft|rank|reward ...` (SFT, rankings, reward model).
+"""InstructGPT's post-training stages: `python rlhf.py sft|rank|reward|ppo ...` (SFT, rankings, reward model, PPO).
 
 The command lives in gptjax/cli/rlhf.py (installed as `gptjax-rlhf`); `python rlhf.py --help` shows its usage."""
 

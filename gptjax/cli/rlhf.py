@@ -12,6 +12,10 @@ run with init_from, its config.json recording the lineage.
   python rlhf.py reward runs/sft --data rankings.jsonl --val held_out.jsonl eval_labelers=balanced,reviewer
   python rlhf.py reward runs/tiny --data rankings.jsonl --demos demos.jsonl --run-dir runs/rm batch_size=16
   python rlhf.py reward --list-keys
+  python rlhf.py ppo runs/sft --reward runs/reward                          # runs/ppo; the policy in runs/ppo/policy
+  python rlhf.py ppo runs/sft --reward runs/reward --run-dir runs/ppo-ptx ptx_coef=1.0 iterations=200 beta=0.05
+  python rlhf.py ppo --list-keys
+  python rlhf.py bon runs/sft --reward runs/reward --n 64 --out bon.json     # best-of-n on held-out prompts
 
 sft: next-token loss on the response tokens only, several demonstrations packed into a row where they fit (see
 gptjax/rlhf/sft.py for the details and every deviation from the paper). --data is a JSONL file with one
@@ -28,6 +32,19 @@ object per line: {"prompt", "completions": [...], "ended": [...], "ranks": [...]
 equal ranks ties); held-out pairwise accuracy at step 0, each epoch and the end; then a bias so that the
 demonstrations (--demos, or the parent SFT run's own) score 0 on average. gptjax/rlhf/reward.py has the details
 and every deviation from the paper; reward.load_reward_model(RUN_DIR) loads the result for scoring.
+
+ppo: the policy starts as the SFT run, the value model as the reward model; each iteration samples one completion
+for each of `prompts` training prompts of the code task, scores it with the frozen reward model, and takes
+ppo_epochs epochs of clipped PPO minibatch updates with the per-token KL penalty beta to the SFT policy (ptx_coef > 0:
+PPO-ptx, with pretraining batches from the SFT run's corpus). Held-out prompts are evaluated at step 0, every
+eval_every iterations and at the end (true labeler score, reward-model score, KL per sequence, the held-out
+labelers' win rate against SFT). Rerunning the same command resumes. The final policy is RUN_DIR/policy, a
+language-model run that eval.py, sample.py and rank read. gptjax/rlhf/ppo.py and ppo_stage.py have the details
+and every deviation from the paper.
+
+bon: best-of-n sampling, the no-RL baseline of reward over-optimisation: N samples of each held-out prompt from
+the policy, scored by the reward model and by the labelers' true score; the expected scores of the reward model's
+best of n = 1, 2, 4, ..., N against sqrt(KL) = sqrt(log n - (n-1)/n) (gptjax/rlhf/bon.py).
 """
 
 from __future__ import annotations
@@ -75,7 +92,27 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     rk.add_argument("--max-new-tokens", type=int, default=128)
     rk.add_argument("--temperature", type=float, default=1.0)
     rk.add_argument("--seed", type=int, default=0)
-    return top, {"sft": sft, "reward": rm, "rank": rk}
+    po = sub.add_parser("ppo", help="PPO (or PPO-ptx) against a reward model", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    po.add_argument("init_from", nargs="?", default=None, help="the SFT run directory (RUN_DIR or RUN_DIR@STEP)")
+    po.add_argument("--reward", default=None, help="the reward-model run directory (rlhf.py reward ...)")
+    po.add_argument("--run-dir", default=None, help="where the PPO run goes (default runs/ppo)")
+    po.add_argument("--list-keys", action="store_true", help="print every overridable key with its default")
+    po.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. iterations=200 beta=0.05 ptx_coef=1")
+    distributed.add_cli_flags(po)
+    bn = sub.add_parser("bon", help="best-of-n sampling against a reward model (the no-RL baseline)",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bn.add_argument("init_from", help="the policy's run directory (RUN_DIR or RUN_DIR@STEP), e.g. an SFT run")
+    bn.add_argument("--reward", required=True, help="the reward-model run directory")
+    bn.add_argument("--out", required=True, help="the JSON file to write the curve to")
+    bn.add_argument("--n", type=int, default=64, help="samples per prompt N (a power of two)")
+    bn.add_argument("--split", default="val", choices=("train", "val"), help="prompts from training or held-out files")
+    bn.add_argument("--prompts", type=int, default=0, help="a seeded subset of this many prompts (0: all that fit)")
+    bn.add_argument("--max-new-tokens", type=int, default=128)
+    bn.add_argument("--temperature", type=float, default=1.0)
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--batch-size", type=int, default=64, help="rows a sampler call (at least --n)")
+    return top, {"sft": sft, "reward": rm, "rank": rk, "ppo": po, "bon": bn}
 
 
 def main(argv=None) -> int:
@@ -142,7 +179,40 @@ def _rank(args) -> int:
     return 0
 
 
-_STAGES = {"sft": _sft, "reward": _reward, "rank": _rank}
+def _ppo(args) -> int:
+    from gptjax import config as config_lib
+    from gptjax import distributed
+    from gptjax.rlhf.config import PPOConfig, resolve_ppo
+
+    if args.list_keys:
+        flat = config_lib.flatten(config_lib.to_dict(PPOConfig()))
+        print("\n".join(f"{k} = {v!r}" for k, v in flat.items()))
+        return 0
+    named = {"init_from": args.init_from, "reward": args.reward, "run_dir": args.run_dir}
+    cfg = resolve_ppo([f"{k}={v}" for k, v in named.items() if v] + list(args.overrides))
+    distributed.initialize(args)
+    from gptjax.rlhf.ppo_stage import train_ppo
+
+    train_ppo(cfg)
+    return 0
+
+
+def _bon(args) -> int:
+    import json
+    from pathlib import Path
+
+    from gptjax.config import write_atomic
+    from gptjax.rlhf.bon import best_of_n
+
+    out = best_of_n(args.init_from, args.reward, n=args.n, split=args.split, prompts=args.prompts,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                    batch_size=args.batch_size)
+    write_atomic(Path(args.out), json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+_STAGES = {"sft": _sft, "reward": _reward, "rank": _rank, "ppo": _ppo, "bon": _bon}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -187,8 +187,8 @@ def resolve_reward(overrides: list[str]) -> RewardConfig:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """InstructGPT's PPO stage (appendix C.4), as far as settings go: the stage that runs it (run directory,
-    resume, CLI) is not built yet; gptjax/rlhf/ppo.py has the pure core and one in-memory iteration.
+    """InstructGPT's PPO stage (appendix C.4): `python rlhf.py ppo SFT_RUN --reward RM_RUN` (ppo_stage.py runs it,
+    ppo.py has the pure core).
 
     beta=0.02, gamma=1, lam=0.95 and clip=0.2 are the paper's. ptx_coef is the weight of the pretraining
     log-likelihood (PPO-ptx); the paper's gamma=27.8 multiplies a per-sequence log-likelihood summed against a
@@ -216,10 +216,13 @@ class PPOConfig:
     lr: float = 1e-5  # policy AdamW
     value_lr: float = 0.0  # 0: the same as lr
     ptx_coef: float = 0.0
+    ptx_batch: int = 8  # pretraining rows (of the context's length) per update step, when ptx_coef > 0
     no_end_penalty: float = 1.0
     seed: int = 0
     run_dir: str = "runs/ppo"
     eval_every: int = 10  # iterations between held-out evaluations (0: only at the start and the end)
+    eval_samples: int = 4  # completions per held-out prompt at each evaluation
+    sample_batch: int = 64  # rows per sampler call (rollouts and evaluation)
     log_every: int = 1
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=10, keep=2))
@@ -249,6 +252,8 @@ def validate_ppo(cfg: PPOConfig) -> PPOConfig:
     need(cfg.lr > 0 and cfg.value_lr >= 0, "lr must be positive and value_lr >= 0 (0: lr)")
     need(cfg.no_end_penalty >= 0, f"no_end_penalty must be >= 0 (it is subtracted), got {cfg.no_end_penalty}")
     need(cfg.eval_every >= 0 and cfg.log_every > 0, "eval_every must be >= 0 and log_every positive")
+    need(cfg.ptx_batch >= 1 and cfg.eval_samples >= 1 and cfg.sample_batch >= 1,
+         "ptx_batch, eval_samples and sample_batch must be positive")
     need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep > 0, "checkpoint.every must be >= 0 and "
                                                                 "checkpoint.keep positive")
     config_lib.check_mesh(cfg.mesh)

@@ -39,19 +39,18 @@ Deviations from the paper, and why:
 - Advantage whitening, value-loss clipping, gradient clipping (global norm 1) and AdamW's betas (0.9, 0.95) are
   standard PPO / this repository's practice; the paper does not spell them out.
 - Rollouts are one completion per prompt (k=1), from code_task's prompts (not customer prompts), scored by a reward
-  model trained on programmatic labelers' rankings. They are sampled without the rank stage's stop strings, so the
-  response is exactly the sampled tokens (their log-probs are the sampler's) and `ended` means the policy sampled
-  EOT; the rank stage instead cut completions at the first column-0 line and called that an end, so the policy has
-  to learn to emit EOT where the reward model saw ends (no_end_penalty pushes it there).
+  model trained on programmatic labelers' rankings. A completion ends where the rank stage ended the completions
+  the reward model learnt from: at the token that starts a line in column 0 (the function closed; rank.STOP) or at
+  EOT. That token is the last of the response (its log-prob is the sampler's, like every other), and the reward
+  model reads the completion as the rank stage wrote it (the function part, + EOT), so PPO optimises the score of
+  exactly the kind of text the reward model was trained to rank.
 - Log-probs of the policy and of the reference are both at the sampling temperature (logits / T): the KL penalty is
   between the tempered distributions (T=1, the default, is the paper's case).
-- In ppo_update the pretraining batch, when given, is one batch for every minibatch step of the update (the paper
-  draws fresh pretraining data per step); a caller that wants that passes a new batch per update.
+- PPO-ptx's pretraining batches: ppo_update takes one per minibatch step (the stage draws them from the policy's
+  pretraining corpus as a pure function of (seed, iteration)), or one for every step of an update.
 - The value model is the reward run's size (the paper used a 6B value model for every policy): small models.
 
-Not built yet: the stage around `make_iteration` (PPOConfig in gptjax/rlhf/config.py exists; the run directory,
-the shared loop's checkpoints and exact resume, lineage, metrics per iteration with code_task.true_score, the
-`rlhf.py ppo` CLI, and loading policy / reference / value / reward parameters from the SFT and reward runs).
+The stage around this core (run directory, loop, resume, evaluation, CLI) is ppo_stage.py.
 """
 
 from __future__ import annotations
@@ -157,12 +156,13 @@ def ptx_loglik(mcfg: ModelConfig, params: Params, ptx_tokens_BT: jax.Array, ptx_
 
 
 def ppo_loss(mcfg: ModelConfig, hp: PPOHyper, params: Params, vparams: Params, batch: dict,
-             ptx_batch: dict | None = None) -> tuple[jax.Array, dict]:
+             ptx_batch: dict | None = None, mcfg_value: ModelConfig | None = None) -> tuple[jax.Array, dict]:
     """(loss, metrics). batch: tokens [B, T], response [B, T], old_logp, old_values, adv, returns [B, T].
-    ptx_batch: {"tokens": [B', T'], optional "mask"} (None: plain PPO; ptx_coef = 0 also gives plain PPO)."""
+    ptx_batch: {"tokens": [B', T'], optional "mask"} (None: plain PPO; ptx_coef = 0 also gives plain PPO).
+    mcfg_value: the value model's config (None: the policy's)."""
     m = batch["response"].astype(jnp.float32)
     logp = token_logps(mcfg, params, batch["tokens"], hp.temperature)
-    v = token_values(mcfg, vparams, batch["tokens"])
+    v = token_values(mcfg_value or mcfg, vparams, batch["tokens"])
     pg = losses.ppo_policy_loss(logp, batch["old_logp"], batch["adv"], m, hp.clip)
     vf = losses.ppo_value_loss(v, batch["old_values"], batch["returns"], m, hp.vf_clip)
     loss = pg + hp.vf_coef * vf
@@ -202,33 +202,46 @@ def prepare_batch(mcfg_policy: ModelConfig, mcfg_value: ModelConfig, hp: PPOHype
 
 
 def ppo_update(mcfg_policy: ModelConfig, hp: PPOHyper, opt_p, opt_v, params, vparams, opt_state_p, opt_state_v,
-               batch: dict, key: jax.Array, ppo_epochs: int, minibatch: int, ptx_batch: dict | None = None):
+               batch: dict, key: jax.Array, ppo_epochs: int, minibatch: int, ptx_batch: dict | None = None,
+               mcfg_value: ModelConfig | None = None):
     """`ppo_epochs` epochs over the batch in minibatches of `minibatch` sequences (a fresh permutation per epoch
-    from `key`), each an AdamW step of policy and value. The value model shares the policy's ModelConfig here
-    (the reward run is the SFT run's size; see reward.py). Returns (params, vparams, opt states, mean metrics)."""
+    from `key`), each an AdamW step of policy and value. ptx_batch: one pretraining batch {"tokens": [B', T']}
+    for every step, or one per step {"tokens": [ppo_epochs * B / minibatch, B', T']} (a leading axis of that
+    length). mcfg_value: the value model's config (None: the policy's). Returns (params, vparams, opt states,
+    mean metrics, incl. the policy's and the value model's gradient norms)."""
     B = batch["tokens"].shape[0]
     if B % minibatch:
         raise ValueError(f"the rollout batch ({B}) is not a multiple of the minibatch ({minibatch})")
     n_mb = B // minibatch
+    n_steps = ppo_epochs * n_mb
+    per_step = ptx_batch is not None and ptx_batch["tokens"].ndim == 3
+    if per_step and ptx_batch["tokens"].shape[0] != n_steps:
+        raise ValueError(f"{ptx_batch['tokens'].shape[0]} pretraining batches for {n_steps} update steps")
 
-    def step(carry, idx):
+    def step(carry, xs):
         p, vp, sp, sv = carry
+        idx, ptx = xs
         mb = jax.tree.map(lambda x: x[idx], batch)
         (_, met), (gp, gv) = jax.value_and_grad(
-            lambda a, b: ppo_loss(mcfg_policy, hp, a, b, mb, ptx_batch), argnums=(0, 1), has_aux=True)(p, vp)
+            lambda a, b: ppo_loss(mcfg_policy, hp, a, b, mb, ptx, mcfg_value), argnums=(0, 1), has_aux=True)(p, vp)
         up, sp = opt_p.update(gp, sp, p)
         uv, sv = opt_v.update(gv, sv, vp)
+        met = {**met, "grad_norm": optax.tree.norm(gp), "value_grad_norm": optax.tree.norm(gv)}
         return (optax.apply_updates(p, up), optax.apply_updates(vp, uv), sp, sv), met
 
     perms = jnp.stack([jax.random.permutation(k, B) for k in jax.random.split(key, ppo_epochs)])
-    idx = perms.reshape(ppo_epochs * n_mb, minibatch)
-    (params, vparams, opt_state_p, opt_state_v), mets = jax.lax.scan(
-        step, (params, vparams, opt_state_p, opt_state_v), idx)
+    idx = perms.reshape(n_steps, minibatch)
+    if per_step:
+        (params, vparams, opt_state_p, opt_state_v), mets = jax.lax.scan(
+            step, (params, vparams, opt_state_p, opt_state_v), (idx, ptx_batch))
+    else:
+        (params, vparams, opt_state_p, opt_state_v), mets = jax.lax.scan(
+            lambda c, i: step(c, (i, ptx_batch)), (params, vparams, opt_state_p, opt_state_v), idx)
     return params, vparams, opt_state_p, opt_state_v, jax.tree.map(jnp.mean, mets)
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts and one PPO iteration (in memory: the stage around it -- config, run directory, resume -- is not built)
+# Rollouts and one PPO iteration in memory (ppo_stage.py runs them in the shared loop)
 
 
 def rollout_seed(seed: int, iteration: int) -> int:
@@ -238,44 +251,53 @@ def rollout_seed(seed: int, iteration: int) -> int:
 
 def rollout(mcfg: ModelConfig, params: Params, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
             temperature: float, seed: int, iteration: int, eot_id: int, pad_id: int, T: int,
-            batch_size: int = 64) -> dict:
-    """One completion per prompt from the policy's current params with the compiled KV-cache sampler (no stop
-    strings: the response is exactly the sampled tokens, so their log-probs are the sampler's). A completion
-    ended when it sampled EOT, which is then part of its response. Returns numpy arrays: tokens [B, T] (padded
-    with pad_id), response [B, T], ended [B], and seqs (the unpadded prompt + response ids, for the reward model)."""
+            batch_size: int = 64, stop: Sequence[str] = (), decode: Callable | None = None) -> dict:
+    """One completion per prompt from the policy's current params with the compiled KV-cache sampler. A completion
+    ends when it samples EOT (which is then the last token of its response) or, with `stop` strings (and the
+    tokenizer's `decode`), at the token that completes one: that token is the last of its response, so the
+    response is exactly the sampled tokens and their log-probs are the sampler's. Returns numpy arrays: tokens
+    [B, T] (padded with pad_id), response [B, T], ended [B], closed [B] (ended by a stop string); and lists: seqs
+    (the unpadded prompt + response ids) and new (each response's sampled ids, without EOT)."""
     from gptjax.generate import generate
 
     new = generate(mcfg, params, [list(p) for p in prompt_ids], max_new_tokens, temperature=temperature,
-                   seed=rollout_seed(seed, iteration), eot_id=eot_id, batch_size=batch_size)
+                   seed=rollout_seed(seed, iteration), eot_id=eot_id, stop=tuple(stop), decode=decode,
+                   batch_size=batch_size)
     B = len(prompt_ids)
     tokens = np.full((B, T), pad_id, np.int32)
     response = np.zeros((B, T), np.float32)
     ended = np.zeros((B,), np.float32)
+    closed = np.zeros((B,), np.float32)
     seqs = []
     for b, (p, n) in enumerate(zip(prompt_ids, new)):
-        done = len(n) < max_new_tokens
-        resp = list(n) + ([eot_id] if done else [])
-        seq = (list(p) + resp)[:T]
+        text = decode(n) if stop else ""
+        stopped = bool(stop) and any(s and s in text for s in stop)
+        eot = not stopped and len(n) < max_new_tokens
+        resp = list(n) + ([eot_id] if eot else [])
         if len(list(p)) + len(resp) > T:
             raise ValueError(f"prompt {b}: {len(p)} prompt + {len(resp)} response tokens exceed T={T}")
+        seq = list(p) + resp
         tokens[b, :len(seq)] = seq
         response[b, len(p):len(seq)] = 1.0
-        ended[b] = float(done)
+        ended[b], closed[b] = float(stopped or eot), float(stopped)
         seqs.append(seq)
-    return {"tokens": tokens, "response": response, "ended": ended, "seqs": seqs}
+    return {"tokens": tokens, "response": response, "ended": ended, "closed": closed, "seqs": seqs,
+            "new": [list(n) for n in new]}
 
 
 def make_iteration(mcfg: ModelConfig, hp: PPOHyper, opt_p, opt_v, *, ppo_epochs: int, minibatch: int,
-                   mesh=None, rules: str = "fsdp") -> Callable:
+                   mesh=None, rules: str = "fsdp", mcfg_value: ModelConfig | None = None) -> Callable:
     """A jitted fn(params, ref_params, vparams, opt_state_p, opt_state_v, tokens, response, score, ended, key) ->
     (params, vparams, opt states, metrics): prepare_batch, then ppo_update. With a mesh, the model code's
     activation constraints apply (use_mesh) and the caller places the inputs (`place`)."""
     from gptjax.sharding import use_mesh
 
+    mv = mcfg_value or mcfg
+
     def it(params, ref_params, vparams, sp, sv, tokens, response, score, ended, key):
-        batch, m0 = prepare_batch(mcfg, mcfg, hp, params, ref_params, vparams, tokens, response, score, ended)
+        batch, m0 = prepare_batch(mcfg, mv, hp, params, ref_params, vparams, tokens, response, score, ended)
         params, vparams, sp, sv, m1 = ppo_update(mcfg, hp, opt_p, opt_v, params, vparams, sp, sv, batch, key,
-                                                 ppo_epochs, minibatch)
+                                                 ppo_epochs, minibatch, mcfg_value=mv)
         return params, vparams, sp, sv, {**m0, **m1}
 
     jitted = jax.jit(it)
@@ -289,7 +311,8 @@ def make_iteration(mcfg: ModelConfig, hp: PPOHyper, opt_p, opt_v, *, ppo_epochs:
     return run
 
 
-def place(mcfg: ModelConfig, mesh, rules: str, params, ref_params, vparams, tokens, response, score, ended):
+def place(mcfg: ModelConfig, mesh, rules: str, params, ref_params, vparams, tokens, response, score, ended,
+          mcfg_value: ModelConfig | None = None):
     """Params sharded by the model's logical axes (the value model's head by reward.head_axes), the rollout batch
     by its batch axis."""
     from gptjax.model import logical_axes
@@ -297,7 +320,7 @@ def place(mcfg: ModelConfig, mesh, rules: str, params, ref_params, vparams, toke
     from gptjax.sharding import batch_sharding, tree_shardings
 
     ps = tree_shardings(logical_axes(mcfg), params, mesh, rules)
-    vs = tree_shardings({**logical_axes(mcfg), "head": head_axes()}, vparams, mesh, rules)
+    vs = tree_shardings({**logical_axes(mcfg_value or mcfg), "head": head_axes()}, vparams, mesh, rules)
     put = lambda x, n: jax.device_put(jnp.asarray(x), batch_sharding(mesh, rules, n))
     return (jax.device_put(params, ps), jax.device_put(ref_params, ps), jax.device_put(vparams, vs),
             put(tokens, 2), put(response, 2), put(score, 1), put(ended, 1))

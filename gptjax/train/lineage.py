@@ -26,7 +26,7 @@ from gptjax.data import Tokenizer, load_tokenizer
 from gptjax.errors import CheckpointError
 
 
-LM_STAGES = ("pretrain", "sft")  # runs whose weights are a plain language model (SFT only changes the data)
+LM_STAGES = ("pretrain", "sft", "ppo")  # runs whose weights are a plain language model (a PPO run's policy/)
 
 
 @dataclass
@@ -46,6 +46,9 @@ def open_parent(spec: str, log=print) -> Parent:
     except CheckpointError as e:
         raise CheckpointError(f"init_from={spec}: {e}") from None
     ckpts.close()
+    if stored.get("stage") == "ppo" and "model" not in stored:
+        raise CheckpointError(f"init_from={spec} is a PPO run directory (policy, value model and optimizer state); "
+                              f"its final policy is the language-model run {Path(run) / 'policy'}: start from that")
     if stored.get("stage", "pretrain") not in LM_STAGES:
         raise CheckpointError(f"init_from={spec} is a {stored['stage']} run (it has a task head); start from a "
                               f"pretraining or SFT run (or one made by convert.py from-hf)")
