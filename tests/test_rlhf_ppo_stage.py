@@ -218,15 +218,51 @@ def test_best_of_n_weights_equal_enumerating_every_subset():
     assert bon.kl_bon(1) == 0.0 and bon.kl_bon(64) == pytest.approx(np.log(64) - 63 / 64)
 
 
-def test_best_of_n_command_writes_the_curve(chain, tmp_path):
-    out = tmp_path / "bon.json"
+@pytest.fixture(scope="module")
+def bon_file(chain, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bon") / "bon.json"
     proc = run_script("rlhf.py", "bon", chain["sft"], "--reward", chain["reward"], "--n", "4", "--prompts", "3",
                       "--max-new-tokens", "16", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(out.read_text())
+    return out
+
+
+def test_best_of_n_command_writes_the_curve(chain, bon_file, tmp_path):
+    got = json.loads(bon_file.read_text())
     assert [c["n"] for c in got["curve"]] == [1, 2, 4] and got["n_prompts"] == 3
     rm = [c["rm_score"] for c in got["curve"]]
-    assert rm[0] <= rm[1] + 1e-9 and rm[1] <= rm[2] + 1e-9  # the reward model's best of more samples scores at least as high on it
+    assert rm[0] <= rm[1] + 1e-9 and rm[1] <= rm[2] + 1e-9  # the reward model's best of more samples scores higher
     assert got["curve"][0]["kl"] == 0.0 and all(0 <= c["true_score"] <= 1 for c in got["curve"])
-    proc = run_script("rlhf.py", "bon", chain["sft"], "--reward", chain["reward"], "--n", "6", "--out", out)
+    proc = run_script("rlhf.py", "bon", chain["sft"], "--reward", chain["reward"], "--n", "6", "--out",
+                      tmp_path / "x.json")
     assert proc.returncode != 0 and "give a power of two" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_writes_the_tables_and_plots_from_the_runs(runs, chain, bon_file, tmp_path):
+    from gptjax.rlhf import code_task
+    from gptjax.rlhf.report import make_report
+
+    rep = make_report(tmp_path / "rep", reward=chain["reward"], ppo=[f"PPO-ptx={runs['a']}"], bon=bon_file,
+                      log=_quiet)
+    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"report.json", "tables.md", "overoptimisation.png",
+                                                               "ppo.png"}
+    summary = json.loads((chain["reward"] / "summary.json").read_text())
+    held = [lab.name for lab in code_task.HELDOUT_LABELERS]  # the chain's held-out rankings are theirs alone
+    n = [summary[f"val_prompts/{x}"] for x in held]
+    want = sum(summary[f"val_acc/{x}"] * k for x, k in zip(held, n) if k) / sum(n)
+    assert rep["reward"]["heldout"]["acc"] == pytest.approx(want) and rep["reward"]["heldout"]["prompts"] == sum(n)
+    assert rep["reward"]["train"]["prompts"] == 0 and rep["reward"]["train"]["acc"] is None
+    md = (tmp_path / "rep" / "tables.md").read_text()
+    last = runs["summary_a"]
+    assert f"| PPO-ptx | {last['true_score']:.3f}" in md and "| SFT | " in md and "| 4 | " in md
+
+
+def test_ppo_timing_benchmark_splits_an_iteration_into_its_parts(runs, tmp_path):
+    out = tmp_path / "timing.json"
+    proc = run_script("bench/ppo_iteration.py", "--from-run", runs["a"], "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(out.read_text())
+    parts = [got[f"{k}_seconds"] for k in ("generate", "score", "update")]
+    assert all(x > 0 for x in parts) and got["seconds_per_iteration"] == pytest.approx(sum(parts))
+    assert sum(got[f"{k}_share"] for k in ("generate", "score", "update")) == pytest.approx(1.0)
+    assert got["iterations_measured"] == ITERS - 1 and got["rollout_tokens_per_s"] > 0

@@ -16,6 +16,7 @@ run with init_from, its config.json recording the lineage.
   python rlhf.py ppo runs/sft --reward runs/reward --run-dir runs/ppo-ptx ptx_coef=1.0 iterations=200 beta=0.05
   python rlhf.py ppo --list-keys
   python rlhf.py bon runs/sft --reward runs/reward --n 64 --out bon.json     # best-of-n on held-out prompts
+  python rlhf.py report --out docs/instructgpt --reward runs/reward --ppo PPO=runs/ppo --bon bon.json
 
 sft: next-token loss on the response tokens only, several demonstrations packed into a row where they fit (see
 gptjax/rlhf/sft.py for the details and every deviation from the paper). --data is a JSONL file with one
@@ -45,6 +46,9 @@ and every deviation from the paper.
 bon: best-of-n sampling, the no-RL baseline of reward over-optimisation: N samples of each held-out prompt from
 the policy, scored by the reward model and by the labelers' true score; the expected scores of the reward model's
 best of n = 1, 2, 4, ..., N against sqrt(KL) = sqrt(log n - (n-1)/n) (gptjax/rlhf/bon.py).
+
+report: the demonstration's tables (OUT/tables.md, OUT/report.json) and plots (reward over-optimisation, PPO's
+held-out curves) from the runs and files above (gptjax/rlhf/report.py).
 """
 
 from __future__ import annotations
@@ -112,7 +116,16 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     bn.add_argument("--temperature", type=float, default=1.0)
     bn.add_argument("--seed", type=int, default=0)
     bn.add_argument("--batch-size", type=int, default=64, help="rows a sampler call (at least --n)")
-    return top, {"sft": sft, "reward": rm, "rank": rk, "ppo": po, "bon": bn}
+    rp = sub.add_parser("report", help="the demonstration's tables and plots", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("--out", required=True, help="the directory for report.json, tables.md and the plots")
+    rp.add_argument("--reward", default=None, help="a reward-model run directory")
+    rp.add_argument("--rank-report", default=None, help="the held-out rankings' report (OUT.report.json of rank)")
+    rp.add_argument("--ppo", action="append", default=[], metavar="NAME=RUN_DIR", help="a PPO run (repeatable)")
+    rp.add_argument("--bon", default=None, help="a best-of-n JSON file (rlhf.py bon)")
+    rp.add_argument("--eval", action="append", default=[], metavar="NAME=FILE",
+                    help="an eval.py --json file (repeatable): the alignment-tax table")
+    return top, {"sft": sft, "reward": rm, "rank": rk, "ppo": po, "bon": bn, "report": rp}
 
 
 def main(argv=None) -> int:
@@ -212,7 +225,15 @@ def _bon(args) -> int:
     return 0
 
 
-_STAGES = {"sft": _sft, "reward": _reward, "rank": _rank, "ppo": _ppo, "bon": _bon}
+def _report(args) -> int:
+    from gptjax.rlhf.report import make_report
+
+    make_report(args.out, reward=args.reward, rank_report=args.rank_report, ppo=args.ppo, bon=args.bon,
+                evals=args.eval)
+    return 0
+
+
+_STAGES = {"sft": _sft, "reward": _reward, "rank": _rank, "ppo": _ppo, "bon": _bon, "report": _report}
 
 if __name__ == "__main__":
     sys.exit(main())

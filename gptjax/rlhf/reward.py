@@ -426,7 +426,7 @@ def score_sequences(score: Callable, params, seqs: Sequence[np.ndarray], rows: i
 
 def ranking_metrics(r_list: Sequence[np.ndarray], records: Sequence[Encoded], labelers: Sequence[str]) -> dict:
     """Held-out loss, pairwise accuracy (per prompt, averaged; its standard error over prompts) and the accuracy of
-    each named labeler's records, from each record's rewards."""
+    each named labeler's records (with its standard error and number of prompts), from each record's rewards."""
     K = max(rec.k for rec in records)
     r_PK = np.zeros((len(records), K), np.float32)
     ranks_PK = np.zeros((len(records), K), np.int32)
@@ -443,6 +443,8 @@ def ranking_metrics(r_list: Sequence[np.ndarray], records: Sequence[Encoded], la
     for name in labelers:
         sel = (names == name) & has_P
         out[f"val_acc/{name}"] = float(acc_P[sel].mean()) if sel.any() else None
+        out[f"val_acc_se/{name}"] = float(acc_P[sel].std(ddof=1) / math.sqrt(sel.sum())) if sel.sum() > 1 else None
+        out[f"val_prompts/{name}"] = int(sel.sum())
     return out
 
 
