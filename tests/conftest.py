@@ -209,3 +209,44 @@ def run_and_kill(script: str, args_a: list, args_b: list, run_b: Path, log_b: Pa
                     p.kill()
                     p.wait()
     return proc_a, out_a, proc_b, steps_at_kill
+
+
+def run_then_kill(script: str, args_a: list, args_b: list, run_b: Path, log_b: Path, timeout: float = 300):
+    """`run_and_kill` one run after the other: run A to its end, then start run B and SIGKILL it just after its
+    first checkpoint. B then finds A's compiled programs in the session's compilation cache (started together,
+    both compile them: twice the CPU time on a small machine). Returns what `run_and_kill` returns."""
+    import signal
+
+    proc_a = start_script(script, *args_a, stdout=subprocess.PIPE)
+    try:
+        out_a, _ = proc_a.communicate(timeout=timeout)
+    finally:
+        if proc_a.poll() is None:
+            proc_a.kill()
+            proc_a.wait()
+    with open(log_b, "w") as log:
+        proc_b = start_script(script, *args_b, stdout=log)
+        try:
+            wait_for_checkpoint(proc_b, run_b)
+            proc_b.send_signal(signal.SIGKILL)
+            proc_b.wait(30)
+            steps_at_kill = finished_steps(run_b)
+        finally:
+            if proc_b.poll() is None:
+                proc_b.kill()
+                proc_b.wait()
+    return proc_a, out_a, proc_b, steps_at_kill
+
+
+def run_main(main, *args) -> subprocess.CompletedProcess:
+    """A command's `main` (gptjax.cli.train.main, ...) called in this process, as `run_script` would run its
+    script: exit code, stdout and stderr. For commands that stop before any device work (a refusal, a bad
+    input): no interpreter to start, no jax to import again."""
+    import contextlib
+    import io
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())

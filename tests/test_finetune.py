@@ -6,6 +6,7 @@ to end (and eval.py reads the result), and bad input is one line."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 from pathlib import Path
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import finished_steps, read_losses, run_and_kill, run_script
+from conftest import finished_steps, read_losses, run_main, run_script, run_then_kill
 from gptjax.finetune import stage as ft
 from gptjax.finetune import transform
 from gptjax.finetune.config import resolve
@@ -47,10 +48,13 @@ def task_files(tmp_path_factory, corpus_dir) -> tuple[Path, Path]:
     return d / "train.jsonl", d / "dev.jsonl"
 
 
+# the settings of the command-line runs (and of the 8-device run compared with one of them)
+SETTINGS = [f"steps={STEPS}", "batch_size=8", "eval_batch_size=8", "optim.lr=1e-3", "checkpoint.every=4", "log_every=2"]
+
+
 def ft_args(parent: Path, files, run_dir: Path, *extra) -> list[str]:
-    return [str(parent), "--task", str(files[0]), "--val", str(files[1]), "--run-dir", str(run_dir),
-            f"steps={STEPS}", "batch_size=8", "eval_batch_size=8", "optim.lr=1e-3", "checkpoint.every=4",
-            "log_every=2", *extra]
+    return [str(parent), "--task", str(files[0]), "--val", str(files[1]), "--run-dir", str(run_dir), *SETTINGS,
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +75,18 @@ def test_head_sees_only_the_extract_position(prep):
     ext = 10
     extract, rows = jnp.asarray([[ext]]), jnp.ones((1, 1))
 
-    def logit(offset):
+    def logit(offset, params):
         out, _ = ft.task_outputs(mcfg, "classification", params, tokens, extract, rows, offset_NTD=offset)
         return out[0, 1] - out[0, 0]
 
-    g = jax.grad(logit)(jnp.zeros((1, 24, mcfg.d_model)))
+    # compiled: one program instead of hundreds of op-by-op ones (the same functions, the same numbers)
+    g = jax.jit(jax.grad(logit))(jnp.zeros((1, 24, mcfg.d_model)), params)
     assert np.all(np.asarray(g[0, ext + 1:]) == 0.0)  # exactly zero after the extract token
     assert np.abs(np.asarray(g[0, :ext + 1])).sum() > 0
     changed = tokens.at[0, 0, ext + 1:].set(7)
-    a = ft.task_outputs(mcfg, "classification", params, tokens, extract, rows)[0]
-    b = ft.task_outputs(mcfg, "classification", params, changed, extract, rows)[0]
+    outputs = jax.jit(functools.partial(ft.task_outputs, mcfg, "classification"))
+    a = outputs(params, tokens, extract, rows)[0]
+    b = outputs(params, changed, extract, rows)[0]
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -90,8 +96,9 @@ def test_similarity_is_symmetric_in_its_two_inputs(prep):
     tok = prep.parent.tokenizer
     ab = transform.encode(task, [Example(("def f(x):", "return x + 1"), 0)], tok, prep.ids, 32, length=32)
     ba = transform.encode(task, [Example(("return x + 1", "def f(x):"), 0)], tok, prep.ids, 32, length=32)
-    out = [np.asarray(ft.task_outputs(prep.mcfg, "similarity", params, jnp.asarray(e.tokens), jnp.asarray(e.extract),
-                                      jnp.asarray(e.rows))[0]) for e in (ab, ba)]
+    outputs = jax.jit(functools.partial(ft.task_outputs, prep.mcfg, "similarity"))  # compiled, not op by op
+    out = [np.asarray(outputs(params, jnp.asarray(e.tokens), jnp.asarray(e.extract), jnp.asarray(e.rows))[0])
+           for e in (ab, ba)]
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
     assert not np.array_equal(ab.tokens[0, 0], ba.tokens[0, 0])  # the rows did differ
 
@@ -105,8 +112,9 @@ def test_multiple_choice_is_invariant_to_the_order_of_the_choices(prep):
     a = transform.encode(task, [Example(("def f():", ""), 0, choices)], tok, prep.ids, 32, length=32)
     b = transform.encode(task, [Example(("def f():", ""), 1, tuple(choices[i] for i in perm))], tok, prep.ids, 32,
                          length=32)
-    la, lb = (np.asarray(ft.task_outputs(prep.mcfg, "multiple_choice", params, jnp.asarray(e.tokens),
-                                         jnp.asarray(e.extract), jnp.asarray(e.rows))[0][0]) for e in (a, b))
+    outputs = jax.jit(functools.partial(ft.task_outputs, prep.mcfg, "multiple_choice"))  # compiled, not op by op
+    la, lb = (np.asarray(outputs(params, jnp.asarray(e.tokens), jnp.asarray(e.extract), jnp.asarray(e.rows))[0][0])
+              for e in (a, b))
     np.testing.assert_allclose(lb, la[list(perm)], rtol=1e-6, atol=1e-6)
     # and so is the loss of the gold choice (index 0 in a, 1 in b)
     loss = [float(ft.task_loss("multiple_choice", False, jnp.asarray(x)[None], jnp.asarray([g]))) for x, g in
@@ -120,13 +128,20 @@ def test_lambda_zero_is_the_task_loss_and_the_lm_term_is_the_pretraining_loss(pr
     params = _params(prep)
     enc = prep.train
     batch = [jnp.asarray(a[:4]) for a in (enc.tokens, enc.extract, enc.rows, enc.labels)]
-    out, h = ft.task_outputs(prep.mcfg, "classification", params, *batch[:3])
-    l1 = float(ft.lm_loss(prep.mcfg, params, h, *batch[:3]))
+
+    @jax.jit  # compiled, as in training, rather than op by op
+    def outputs_and_lm_loss(params, tokens, extract, rows):
+        out, h = ft.task_outputs(prep.mcfg, "classification", params, tokens, extract, rows)
+        return out, ft.lm_loss(prep.mcfg, params, h, tokens, extract, rows)
+
+    out, l1 = outputs_and_lm_loss(params, *batch[:3])
+    l1 = float(l1)
     # the same tokens through the pretraining loss: each row up to its extract token
+    pretraining_nats = jax.jit(functools.partial(token_nats, prep.mcfg))
     nats = []
     for i in range(4):
         row = enc.tokens[i, 0, :enc.extract[i, 0] + 1]
-        nats += list(np.asarray(token_nats(prep.mcfg, params, jnp.asarray(row)[None]))[0])
+        nats += list(np.asarray(pretraining_nats(params, jnp.asarray(row)[None]))[0])
     assert l1 == pytest.approx(float(np.mean(nats)), rel=1e-5)
     l2 = float(ft.task_loss("classification", False, out, batch[3]))
     cfg0 = dataclasses.replace(prep.cfg, lm_coef=0.0, clf_pdrop=0.0, dropout=0.0)
@@ -159,15 +174,18 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_walk_epochs():
     assert sorted(epoch0) == list(range(20))  # every example once per epoch
 
 
-def test_eight_devices_equal_one_device(parent, task_files, tmp_path):
-    out = {}
-    for n in (1, 8):
-        cfg = resolve([f"init_from={parent}", f"task={task_files[0]}", f"val={task_files[1]}",
-                       f"run_dir={tmp_path / str(n)}", "steps=4", "batch_size=8", "eval_batch_size=8",
-                       "optim.lr=1e-3", "mesh.fsdp=-1"])
-        ft.finetune(cfg, devices=jax.devices()[:n], log=lambda *_: None)
-        out[n] = read_losses(tmp_path / str(n))
-    assert sorted(out[1]) == [1, 2, 3, 4]
+def test_eight_devices_equal_one_device(cli_runs, parent, task_files, tmp_path):
+    """The 1-device run is run A of `cli_runs` (finetune.py, in a process with one device); the same settings
+    fine-tuned here on 8 devices, fsdp across all of them, give the same loss at every step."""
+    out = {1: read_losses(cli_runs["a"])}
+    cfg = resolve([f"init_from={parent}", f"task={task_files[0]}", f"val={task_files[1]}", f"run_dir={tmp_path / '8'}",
+                   *SETTINGS, "mesh.fsdp=-1"])
+    ft.finetune(cfg, devices=jax.devices()[:8], log=lambda *_: None)
+    out[8] = read_losses(tmp_path / "8")
+    settings = [{k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "run_dir"}
+                for d in (cli_runs["a"], tmp_path / "8")]
+    assert settings[0] == settings[1]  # the same run, but for its directory
+    assert sorted(out[1]) == sorted(out[8]) == list(range(1, STEPS + 1))
     for s in out[1]:
         assert out[8][s] == pytest.approx(out[1][s], rel=2e-5), s
 
@@ -175,11 +193,11 @@ def test_eight_devices_equal_one_device(parent, task_files, tmp_path):
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory, parent, task_files):
     """Run A uninterrupted through finetune.py; run B the same, killed by SIGKILL after its first checkpoint and
-    rerun."""
+    rerun (B after A: it finds A's programs in the compilation cache)."""
     root = tmp_path_factory.mktemp("ft-cli")
     a, b = root / "a", root / "b"
-    proc_a, out_a, _, _ = run_and_kill("finetune.py", ft_args(parent, task_files, a), ft_args(parent, task_files, b), b,
-                                       root / "b.log")
+    proc_a, out_a, _, _ = run_then_kill("finetune.py", ft_args(parent, task_files, a), ft_args(parent, task_files, b),
+                                        b, root / "b.log")
     assert proc_a.returncode == 0, out_a[-4000:]
     assert not (b / "summary.json").exists() and max(finished_steps(b)) < STEPS
     resumed = run_script("finetune.py", *ft_args(parent, task_files, b), timeout=300)
@@ -222,7 +240,9 @@ def test_finetune_command_writes_a_run_that_eval_reads(cli_runs, parent, task_fi
     (["epochz=2"], "unknown key 'epochz'; did you mean 'epochs'"),
 ])
 def test_bad_finetune_input_is_one_line(parent, task_files, tmp_path, extra, fragment):
-    proc = run_script("finetune.py", *ft_args(parent, task_files, tmp_path / "r"), *extra)
+    from gptjax.cli import finetune as finetune_cli
+
+    proc = run_main(finetune_cli.main, *ft_args(parent, task_files, tmp_path / "r"), *extra)  # finetune.py, here
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
@@ -232,7 +252,9 @@ def test_bad_finetune_input_is_one_line(parent, task_files, tmp_path, extra, fra
 def test_a_label_outside_the_saved_vocabulary_is_refused(cli_runs, parent, task_files, tmp_path):
     bad = tmp_path / "dev.jsonl"
     bad.write_text(json.dumps({"sentence": "x = 1", "label": 7}) + "\n")
-    proc = run_script("eval.py", cli_runs["a"], "--tasks", bad)
+    from gptjax.cli import eval as eval_cli
+
+    proc = run_main(eval_cli.main, cli_runs["a"], "--tasks", bad)  # eval.py, in this process: refused before it runs
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "7" in line and "vocabulary" in line
@@ -274,8 +296,11 @@ def test_zero_shot_multiple_choice_picks_the_highest_mean_log_probability(parent
 
 
 def test_finetune_refuses_run_dirs_it_would_damage(cli_runs, parent, task_files, tmp_path):
+    from gptjax.cli import finetune as finetune_cli
+    from gptjax.cli import train as train_cli
+
     def line(*args):
-        proc = run_script("finetune.py", *args)
+        proc = run_main(finetune_cli.main, *args)  # finetune.py, in this process
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         (x,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
         return x
@@ -293,8 +318,9 @@ def test_finetune_refuses_run_dirs_it_would_damage(cli_runs, parent, task_files,
     a = cli_runs["a"]
     assert "with lm_coef=0.5, not 0.0" in line(*ft_args(parent, task_files, a), "lm_coef=0")
     # a fine-tuned run is not a language model to continue pretraining from
-    proc = run_script("train.py", f"init_from={a}", f"run_dir={tmp_path / 'c'}", "steps=2")
+    proc = run_main(train_cli.main, f"init_from={a}", f"run_dir={tmp_path / 'c'}", "steps=2")  # train.py, here
     assert proc.returncode == 2 and "finetune run" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("variant", [
@@ -312,12 +338,12 @@ def test_every_architecture_reads_only_the_extract_state(variant):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 300, (1, 1, 16)), jnp.int32)
     ext = 9
 
-    def logit(offset):
+    def logit(offset, params):
         out, _ = ft.task_outputs(mcfg, "classification", params, tokens, jnp.asarray([[ext]]), jnp.ones((1, 1)),
                                  offset_NTD=offset)
         return out[0].sum()
 
-    g = np.asarray(jax.grad(logit)(jnp.zeros((1, 16, mcfg.d_model))))
+    g = np.asarray(jax.jit(jax.grad(logit))(jnp.zeros((1, 16, mcfg.d_model)), params))  # compiled, not op by op
     assert np.all(g[0, ext + 1:] == 0.0) and np.abs(g[0, :ext + 1]).sum() > 0
     if "model.attention_pattern=dense,banded" in variant:  # the dense layer still sees the first position
         assert np.abs(g[0, 0]).sum() > 0

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import finished_steps, read_losses, run_and_kill, run_script, start_script, wait_for_checkpoint
+from conftest import finished_steps, read_losses, run_main, run_script, run_then_kill, start_script, wait_for_checkpoint
 from gptjax import config as config_lib
+from gptjax.cli import train as train_cli
 from gptjax.errors import ConfigError, RunDirBusy
 from gptjax.train.loop import RunDirLock
 
 PARENT_STEPS, CHILD_STEPS, EVERY = 12, 16, 4
+# what decides the parent's compiled train step (its schedule): a run with the same settings finds it compiled
+PARENT_SETTINGS = [f"steps={PARENT_STEPS}", f"checkpoint.every={EVERY}"]
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -36,8 +39,7 @@ def checkpoint_bytes(run_dir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory, tiny_overrides, prepared) -> Path:
     run = tmp_path_factory.mktemp("parent") / "run"
-    proc = run_script("train.py", *tiny_overrides, f"steps={PARENT_STEPS}", f"checkpoint.every={EVERY}",
-                      f"run_dir={run}")
+    proc = run_script("train.py", *tiny_overrides, *PARENT_SETTINGS, f"run_dir={run}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
 
@@ -45,13 +47,13 @@ def parent(tmp_path_factory, tiny_overrides, prepared) -> Path:
 @pytest.fixture(scope="module")
 def children(tmp_path_factory, tiny_overrides, parent):
     """Child A from the parent, uninterrupted; child B the same, killed by SIGKILL after its first checkpoint
-    and rerun to completion."""
+    and rerun to completion (B after A: it finds A's programs in the compilation cache)."""
     root = tmp_path_factory.mktemp("children")
     a, b = root / "a", root / "b"
     args = tiny_overrides + [f"init_from={parent}", f"steps={CHILD_STEPS}", f"checkpoint.every={EVERY}",
                              "optim.lr=1e-3", "optim.warmup_steps=3"]
-    proc_a, out_a, proc_b, _ = run_and_kill("train.py", args + [f"run_dir={a}"], args + [f"run_dir={b}"], b,
-                                            root / "b.log", timeout=240)
+    proc_a, out_a, proc_b, _ = run_then_kill("train.py", args + [f"run_dir={a}"], args + [f"run_dir={b}"], b,
+                                             root / "b.log", timeout=240)
     assert proc_a.returncode == 0, out_a[-5000:]
     assert not (b / "summary.json").exists() and max(finished_steps(b)) < CHILD_STEPS
     killed = read_losses(b)
@@ -119,7 +121,8 @@ def test_killed_init_from_run_resumes_exactly(children):
 def test_shape_changing_override_with_init_from_is_one_line(parent, children, override, key):
     b = children["b"]
     before = checkpoint_bytes(b)
-    line = error_line(run_script("train.py", *children["args"], f"run_dir={b}", f"steps={CHILD_STEPS + 4}", override))
+    line = error_line(run_main(train_cli.main, *children["args"], f"run_dir={b}", f"steps={CHILD_STEPS + 4}",
+                               override))  # train.py, in this process
     assert f"{override} cannot be used with init_from" in line and "parent has" in line
     assert checkpoint_bytes(b) == before
 
@@ -137,8 +140,8 @@ def test_init_from_config_rules(parent, tiny_overrides):
 
 
 def test_init_from_a_missing_step_is_one_line(parent, tiny_overrides, tmp_path):
-    line = error_line(run_script("train.py", *tiny_overrides, f"init_from={parent}@7", f"run_dir={tmp_path / 'c'}",
-                                 "steps=2"))
+    line = error_line(run_main(train_cli.main, *tiny_overrides, f"init_from={parent}@7", f"run_dir={tmp_path / 'c'}",
+                               "steps=2"))  # train.py, in this process
     assert "init_from=" in line and "no checkpoint for step 7" in line
 
 
@@ -147,17 +150,21 @@ def test_resume_after_the_corpus_changed_its_tokenizer_is_refused(tmp_path, tiny
     shutil.copytree(corpus_dir, corpus)
     run = tmp_path / "run"
     args = [o for o in tiny_overrides if not o.startswith(("data.paths", "data.cache_dir"))] + [
-        f"data.paths={corpus}/*.py", f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run}", "checkpoint.every=2"]
-    first = run_script("train.py", *args, "steps=2")
+        f"data.paths={corpus}/*.py", f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run}"]
+    # the parent's settings: its train step is in the compilation cache already
+    first = run_script("train.py", *args, *PARENT_SETTINGS)
     assert first.returncode == 0, first.stderr[-3000:]
+    saved = finished_steps(run)
+    assert saved and saved[-1] == PARENT_STEPS
     tokenizer_before = (run / "tokenizer.model").read_bytes()
     before = checkpoint_bytes(run)
     shutil.copyfile(Path(json.__file__).parent / "decoder.py", corpus / "zz_new.py")  # the corpus changes
     for f in sorted(corpus.glob("0*.py"))[:4]:
         f.unlink()
-    line = error_line(run_script("train.py", *args, "steps=4"))
+    # train.py (in this process: refused before any device work) asked to train on
+    line = error_line(run_main(train_cli.main, *args, f"checkpoint.every={EVERY}", f"steps={PARENT_STEPS + 4}"))
     assert "trained with another tokenizer" in line and f"init_from={run}" in line
-    assert checkpoint_bytes(run) == before and finished_steps(run) == [2]
+    assert checkpoint_bytes(run) == before and finished_steps(run) == saved
     assert (run / "tokenizer.model").read_bytes() == tokenizer_before
 
 
@@ -167,7 +174,7 @@ def test_second_live_job_on_a_run_dir_is_refused(tmp_path, tiny_overrides, prepa
     first = start_script("train.py", *args, "steps=100000")
     try:
         wait_for_checkpoint(first, run)
-        second = run_script("train.py", *args, "steps=100000")
+        second = run_main(train_cli.main, *args, "steps=100000")  # train.py, in this process
         line = error_line(second)
         assert f"{run} is in use by another training job (pid {first.pid}" in line
         assert first.poll() is None  # the first job goes on
@@ -191,15 +198,23 @@ def test_init_from_needs_its_own_run_dir_and_a_child_resumes_after_its_parent_mo
                                                                                     tiny_overrides):
     with pytest.raises(ConfigError, match="give it its own run_dir"):
         config_lib.resolve("tiny", [f"init_from={parent}"])
-    # the child needs nothing of its parent to resume: move the parent away and train two more steps
+    # the child needs nothing of its parent to resume: move the parent away and resume a copy of child A from its
+    # next-to-last checkpoint, as if killed after it (with A's own settings: its train step is compiled already)
     moved = tmp_path / "moved"
     child = tmp_path / "child"
     shutil.copytree(children["a"], child)
+    *_, resume_at, last = finished_steps(child)
+    shutil.rmtree(child / "checkpoints" / str(last))
+    (child / "summary.json").unlink()
+    metrics = child / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["step"] <= resume_at))
     shutil.move(str(parent), str(moved))
     try:
-        proc = run_script("train.py", *children["args"], f"run_dir={child}", f"steps={CHILD_STEPS + 2}")
+        proc = run_script("train.py", *children["args"], f"run_dir={child}")
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        assert f"resuming from checkpoint at step {CHILD_STEPS}" in proc.stdout
-        assert max(read_losses(child)) == CHILD_STEPS + 2
+        assert f"resuming from checkpoint at step {resume_at}" in proc.stdout
+        assert max(read_losses(child)) == CHILD_STEPS and (child / "summary.json").exists()
+        assert read_losses(child) == read_losses(children["a"])  # the steps after the checkpoint, trained again
     finally:
         shutil.move(str(moved), str(parent))

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, finished_steps, read_losses, run_script, subprocess_env
+from conftest import REPO, finished_steps, read_losses, run_main, subprocess_env
 
 from gptjax import config, distributed, sharding
 from gptjax.config import ConfigError
@@ -23,6 +23,9 @@ from gptjax.train.pretrain import batch_for_step
 
 STEPS = 4
 MESH = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.rules=fsdp_tp"]  # fsdp spans the two processes
+# A long run that is stopped from outside; the two tests that need one share these settings, so the second finds
+# the train step its processes compile in the compilation cache.
+LONG_RUN = ["--config", "tiny", *MESH, "steps=5000"]
 
 
 def free_port() -> int:
@@ -238,7 +241,10 @@ def test_initialize_leaves_a_single_process_alone(monkeypatch):
 
 
 def test_train_py_reports_bad_flags_in_one_line(tiny_overrides, tmp_path):
-    proc = run_script("train.py", *tiny_overrides, f"run_dir={tmp_path}", "--num-processes", "2", "--process-id", "5")
+    from gptjax.cli import train as train_cli
+
+    # train.py's main, in this process: the flags are refused before anything starts
+    proc = run_main(train_cli.main, *tiny_overrides, f"run_dir={tmp_path}", "--num-processes", "2", "--process-id", "5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         "error: process id 5 is out of range for 2 processes (use 0..1)"]
@@ -278,8 +284,7 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path, tiny_overr
     import time
 
     run = tmp_path / "run"
-    procs = launch(["--config", "tiny", *tiny_overrides, *MESH, "steps=5000", "log_every=2", "checkpoint.every=1000",
-                    f"run_dir={run}"], tmp_path)
+    procs = launch([*LONG_RUN, *tiny_overrides, "log_every=2", "checkpoint.every=1000", f"run_dir={run}"], tmp_path)
     try:
         deadline = time.time() + 240
         while len(read_losses(run) if (run / "metrics.jsonl").exists() else {}) < 4:
@@ -311,8 +316,8 @@ def test_a_killed_process_stops_the_others_with_one_line_naming_it(tmp_path, tin
     from gptjax.train.steps import make_train_steps
 
     run = tmp_path / "run"
-    procs = launch(["--config", "tiny", *tiny_overrides, "mesh.data=2", "steps=5000", "checkpoint.every=2",
-                    f"run_dir={run}"], tmp_path, devices=1, extra_env={"GPTJAX_HEARTBEAT_TIMEOUT": str(HEARTBEAT_S)})
+    procs = launch([*LONG_RUN, *tiny_overrides, "checkpoint.every=2", f"run_dir={run}"], tmp_path,
+                   extra_env={"GPTJAX_HEARTBEAT_TIMEOUT": str(HEARTBEAT_S)})
     try:
         deadline = time.time() + 120
         while not finished_steps(run):
@@ -330,7 +335,7 @@ def test_a_killed_process_stops_the_others_with_one_line_naming_it(tmp_path, tin
     saved = finished_steps(run)
     assert saved and saved[-1] < 5000
     cfg = config.load_json(run / "config.json")
-    trainer = make_train_steps(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
+    trainer = make_train_steps(cfg, sharding.make_mesh(cfg.mesh))
     ck = Checkpoints(run, read_only=True)
     step, state = ck.restore(trainer.abstract_state())
     ck.close()
