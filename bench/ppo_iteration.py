@@ -64,6 +64,7 @@ def main(argv=None) -> int:
                                "eval_every=0", "eval_samples=1", *args.overrides])
             train_ppo(cfg, log=lambda *a: None)
             out = split_of(run)
+    import gptjax  # noqa: F401  (first: on a machine without a TPU it keeps an installed libtpu quiet)
     import jax
 
     out["device"] = str(jax.devices()[0].device_kind)

@@ -335,7 +335,8 @@ def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, l
         _, ended, rm, true = judged(exs, ro)
         t2 = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(cfg.seed), it)
-        args = (state, ref, put(ro["tokens"], models.tok_sh), put(ro["response"], models.tok_sh),
+        L = _bucket(max(len(x) for x in ro["seqs"]), T)  # padding past the longest sequence changes nothing: cut it
+        args = (state, ref, put(ro["tokens"][:, :L], models.tok_sh), put(ro["response"][:, :L], models.tok_sh),
                 put(rm, models.vec_sh), put(np.asarray(ended, np.float32), models.vec_sh), key)
         if td is not None:
             n_steps = cfg.ppo_epochs * (cfg.prompts // cfg.minibatch)
@@ -359,7 +360,8 @@ def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, l
         exs = [e for e in val_p.examples for _ in range(cfg.eval_samples)]
         ro = sample(params, ids, EVAL_ITERATION)
         texts, ended, rm, true = judged(exs, ro)
-        kl = np.asarray(jax.device_get(models.kl(params, ref, *(_pad_rows(ro[k], rows_eval, sample_rows, pad)
+        L = _bucket(max(len(x) for x in ro["seqs"]), T)
+        kl = np.asarray(jax.device_get(models.kl(params, ref, *(_pad_rows(ro[k][:, :L], rows_eval, sample_rows, pad)
                                                                  for k in ("tokens", "response")))))[:rows_eval]
         return exs, texts, ended, rm, true, kl
 
@@ -432,6 +434,12 @@ def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, l
         config_lib.write_json(info_path, {**info, "final_step": final_step})
         config_lib.write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _bucket(n: int, T: int, step: int = 64) -> int:
+    """n rounded up to a multiple of `step` (at most T): a few compiled shapes, however long the rollouts are.
+    Causal attention and the response mask make positions past a sequence's end irrelevant to everything before."""
+    return min(T, -(-n // step) * step)
 
 
 def _pad_rows(x: np.ndarray, n: int, multiple: int, pad) -> np.ndarray:
