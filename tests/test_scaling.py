@@ -115,6 +115,75 @@ def test_frontier_and_isoflop_parabola():
     assert m["D_opt"] == pytest.approx(1e12 / 6e5, rel=1e-6)
 
 
+def isoflop_points(law, budgets, per_budget=7, noise=0.0, seed=0):
+    """Records on isoFLOP budgets (C = 6ND) around the law's optimum, losses from the law (times log-normal noise)."""
+    rng = np.random.default_rng(seed)
+    recs = []
+    for b in budgets:
+        n_opt, _ = scaling.compute_optimal(law, b)
+        for j, n in enumerate(n_opt * np.geomspace(1 / 8, 8, per_budget)):
+            d = b / (6 * n)
+            loss = float(scaling.chinchilla_loss(law, n, d)) * math.exp(rng.normal(0, noise))
+            recs.append({"name": f"{b:g}-{j}", "budget": b, "N": n, "tokens": d, "C": b, "flops": b, "val_loss": loss})
+    return recs
+
+
+def test_approach2_recovers_a_known_compute_optimal_exponent():
+    budgets = [1e17, 1e18, 1e19, 1e20, 1e21]
+    exact = scaling.fit_approach2(isoflop_points(CHINCHILLA, budgets), n_key="N")
+    want = CHINCHILLA["beta"] / (CHINCHILLA["alpha"] + CHINCHILLA["beta"])
+    assert exact["budgets_used"] == 5 and exact["a"] == pytest.approx(want, abs=0.02)
+    assert exact["b"] == pytest.approx(1 - want, abs=0.02)
+    for m in exact["minima"]:
+        n_opt, d_opt = scaling.compute_optimal(CHINCHILLA, m["budget"])
+        assert m["strict"] and m["sizes_below"] >= 2 and m["sizes_above"] >= 2
+        assert math.log(m["N_opt"]) == pytest.approx(math.log(n_opt), abs=0.15)
+        assert m["D_opt"] * m["N_opt"] * 6 == pytest.approx(m["budget"], rel=0.05)  # interpolated D_opt
+    noisy = scaling.fit_approach2(isoflop_points(CHINCHILLA, budgets, noise=0.003, seed=4), bootstrap=40)
+    lo, hi = noisy["ci"]["a"]
+    assert lo <= want <= hi and hi - lo < 0.3 and noisy["bootstrap"] >= 30
+    # sizes all on one side of the optimum: the minimum is at the edge, not interior, and not used
+    one_sided = [r for r in isoflop_points(CHINCHILLA, budgets) if r["name"].endswith(("-0", "-1", "-2"))]
+    assert not any(m["interior"] for m in scaling.isoflop_minima(one_sided))
+    assert "a" not in scaling.fit_approach2(one_sided)
+
+
+def test_capability_fit_recovers_a_power_law_on_the_frontier_and_extrapolates():
+    rng = np.random.default_rng(5)
+    C = np.geomspace(1e11, 3e12, 8)
+    recs = [{"name": f"p{i}", "flops": c, "capability": 40 * c ** -0.06 * math.exp(rng.normal(0, 0.004))}
+            for i, c in enumerate(C)]
+    # points off the frontier (worse than a cheaper point) are left out of the fit
+    recs += [{"name": "bad", "flops": 2e12, "capability": 100.0}, {"name": "none", "flops": 1e12, "capability": None}]
+    fit = scaling.fit_capability(recs, bootstrap=30)
+    assert "bad" not in fit["frontier"] and "none" not in fit["frontier"]
+    assert fit["alpha"] == pytest.approx(0.06, abs=0.01) and fit["ci"]["alpha"][0] <= 0.06 <= fit["ci"]["alpha"][1]
+    assert float(scaling.power_law(fit, 3e13)) == pytest.approx(40 * 3e13 ** -0.06, rel=0.02)
+    with pytest.raises(SweepError, match="capability fit needs 3 or more"):
+        scaling.fit_capability(recs[:2])
+
+
+def test_fitted_laws_are_drawn_solid_only_inside_their_range():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gptjax.scaling.plot import draw_law
+
+    fig, ax = plt.subplots()
+    lines = draw_law(ax, lambda c: c ** -0.1, 1e11, 1e12, 5e10, 2e13, color="k", label="law (fit)")
+    solid, dashed = [ln for ln in lines if ln.get_linestyle() == "-"], [ln for ln in lines if ln.get_linestyle() == "--"]
+    assert len(solid) == 1 and len(dashed) == 2
+    xs = solid[0].get_xdata()
+    assert xs.min() == pytest.approx(1e11) and xs.max() == pytest.approx(1e12)
+    assert all(ln.get_xdata().min() >= 5e10 * 0.999 and ln.get_xdata().max() <= 2e13 * 1.001 for ln in dashed)
+    assert any("extrapolated" in (ln.get_label() or "") for ln in dashed)
+    inside_only = draw_law(ax, lambda c: c, 1e11, 1e12, 1e11, 1e12, color="k", label="x")
+    assert [ln.get_linestyle() for ln in inside_only] == ["-"]
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sweep configs
 
@@ -124,21 +193,31 @@ def test_shipped_sweeps_plan_within_their_promises(tmp_path):
     for name in ("cpu-ladder", "gpu-ladder"):
         sw = scaling.load_sweep(name)
         points, _ = scaling.plan_points(sw, tmp_path / name)
-        fitted = [p for p in points if p.group != "predict"]
+        fitted = [p for p in points if p.group not in ("predict", "lr")]
         (pred,) = [p for p in points if p.group == "predict"]
-        ladder = [p for p in points if p.group == "ladder"]
-        ns = sorted({p.n_non_embedding for p in ladder})
-        assert len(ns) >= 5 and ns[-1] / ns[0] >= 30, name
-        assert len({p.budget for p in points if p.group == "isoflop"}) >= 3, name
         assert pred.flops >= 10 * max(p.flops for p in fitted), name
         assert len({p.cfg.model.vocab_size for p in points}) == 1  # one token cache for the whole sweep
         assert len({p.name for p in points}) == len(points)
         for p in points:
             assert p.cfg.run_dir == str(tmp_path / name / p.name)
-            if p.budget:
-                assert 6 * p.n_non_embedding * p.tokens == pytest.approx(p.budget, rel=0.3)
-    cpu, _ = scaling.plan_points(scaling.load_sweep("cpu-ladder"), tmp_path)
-    assert len({p.size for p in cpu if p.group == "ladder"}) >= 6
+            if p.budget and p.group == "isoflop":
+                spent = p.flops if sw.isoflop.measure == "flops" else 6 * p.n(sw.n_count) * p.tokens
+                assert spent == pytest.approx(p.budget, rel=0.02), p.name
+    gpu, _ = scaling.plan_points(scaling.load_sweep("gpu-ladder"), tmp_path)
+    ns = sorted({p.n_non_embedding for p in gpu if p.group == "ladder"})
+    assert len(ns) >= 5 and ns[-1] / ns[0] >= 30
+    # the CPU sweep: >= 4 budgets of exact FLOPs, each with >= 5 sizes (room for two on each side of a minimum),
+    # an lr sweep before everything else whose rates the other points wait for, and extra seeds
+    sw = scaling.load_sweep("cpu-ladder")
+    cpu, _ = scaling.plan_points(sw, tmp_path / "cpu")
+    budgets = sorted({p.budget for p in cpu if p.group == "isoflop"})
+    assert len(budgets) >= 4 and sw.isoflop.measure == "flops" and sw.n_count == "total"
+    for b in budgets:
+        assert len({p.size for p in cpu if p.group == "isoflop" and p.budget == b}) >= 5, b
+    groups = [p.group for p in cpu]
+    assert groups[0] == "lr" and groups.index("isoflop") > max(i for i, g in enumerate(groups) if g == "lr")
+    assert all(p.lr_pending for p in cpu if p.group not in ("lr",)) and not any(p.lr_pending for p in cpu if p.group == "lr")
+    assert {p.seed for p in cpu} == {0, 1, 2} and sw.capability.task == "code-cloze"
 
 
 def test_sweep_config_errors_are_clear(tmp_path):
@@ -223,6 +302,59 @@ def test_sweep_resumes_and_predict_extrapolates_10x(tmp_path, tiny_overrides):
         scaling.sweep(changed, out, ["optim.lr=1e-2"], train=fake_train([]), log=lambda _: None)
 
 
+def test_lr_sweep_tunes_every_size_before_the_points_that_use_it(tmp_path, tiny_overrides):
+    """The lr points train first; their best rates (losses quadratic in log lr around lr*(N) = 0.2 N^-0.3) give
+    the power law that every other point, the prediction point and the extra seeds train with."""
+    path = tmp_path / "lr.json"
+    path.write_text(json.dumps({
+        "base": "tiny", "overrides": tiny_overrides + ["checkpoint.every=1000"], "head_dim": 16, "min_steps": 4,
+        "n_count": "total",
+        "sizes": [{"name": "s", "n_layer": 1, "d_model": 16}, {"name": "m", "n_layer": 1, "d_model": 32},
+                  {"name": "l", "n_layer": 2, "d_model": 48}, {"name": "fixed", "n_layer": 2, "d_model": 64, "lr": 3e-3},
+                  {"name": "big", "n_layer": 3, "d_model": 96}],
+        "lr_sweep": {"lrs": [0.002, 0.004, 0.008, 0.016, 0.032], "budget": 5e10, "sizes": ["s", "m", "l"]},
+        "isoflop": {"measure": "flops", "budgets": [3e10, 6e10], "sizes": ["s", "m", "l", "fixed"]},
+        "extra_seeds": {"seeds": [0, 1], "points": ["iso3e10-m"]},
+        "predict": {"size": "big", "tokens": 200000}}))
+    sw = scaling.load_sweep(str(path))
+    planned, _ = scaling.plan_points(sw, tmp_path / "out")
+    assert [p.group for p in planned[:15]] == ["lr"] * 15
+    assert {p.name for p in planned if p.lr_pending} == {p.name for p in planned if p.group != "lr" and p.size != "fixed"}
+    law = lambda n: 0.2 * n ** -0.3  # noqa: E731
+    trained: list = []
+
+    def train(p, log):
+        assert not p.lr_pending
+        trained.append((p.name, p.cfg.optim.lr))
+        run_dir = __import__("pathlib").Path(p.cfg.run_dir)
+        run_dir.mkdir(parents=True)
+        from gptjax import config as config_lib
+
+        config_lib.save_json(p.cfg, run_dir / "config.json")
+        loss = 3.0 + 0.2 * math.log(p.cfg.optim.lr / law(p.n_total)) ** 2 + 1e-6 * p.seed
+        (run_dir / "summary.json").write_text(json.dumps({"val_loss": loss, "val_bits_per_byte": loss / 2}))
+
+    recs = scaling.sweep(sw, tmp_path / "out", train=train, log=lambda _: None)
+    tuned = json.loads((tmp_path / "out" / "lr.json").read_text())
+    assert tuned["law"]["p"] == pytest.approx(0.3, abs=0.01) and tuned["law"]["c"] == pytest.approx(0.2, rel=0.05)
+    names = [n for n, _ in trained]
+    assert all(n.startswith("lr") for n in names[:15]) and not any(n.startswith("lr") for n in names[15:])
+    n_total = {p.size: p.n_total for p in planned}
+    for name, lr in trained[15:]:
+        size = next(r["size"] for r in recs if r["name"] == name)
+        assert lr == pytest.approx(3e-3 if size == "fixed" else law(n_total[size]), rel=0.03), name
+    assert "iso3e10-m-s1" in names and "iso3e10-m-s0" not in names  # the first seed is the point itself
+    assert not any(r["group"] == "lr" for r in recs) and len(recs) == len(names) - 15
+    big = [p for p in scaling.plan_points(sw, tmp_path / "out")[0] if p.group == "predict"][0]
+    assert not big.lr_pending and big.cfg.optim.lr == pytest.approx(law(big.n_total), rel=0.03)
+    for p in scaling.plan_points(sw, tmp_path / "out")[0]:
+        if p.group == "isoflop":
+            assert p.flops == pytest.approx(p.budget, rel=0.05)
+    again: list = []
+    scaling.sweep(sw, tmp_path / "out", train=lambda p, log: again.append(p.name), log=lambda _: None)
+    assert again == []
+
+
 # ----------------------------------------------------------------------------------------------
 # The command, for real: three tiny points train, a rerun skips them, fit and plot write their files.
 
@@ -234,7 +366,7 @@ def test_scaling_command_end_to_end(tmp_path, tiny_overrides, prepared):
         "min_steps": 2, "warmup_fraction": 0.25,
         "sizes": [{"n_layer": 1, "d_model": 16, "lr": 0.01}, {"n_layer": 1, "d_model": 32, "lr": 0.01},
                   {"n_layer": 2, "d_model": 64, "lr": 0.005}],
-        "ladder": {"tokens": 2048}}))
+        "ladder": {"tokens": 2048}, "capability": {"task": "code-cloze", "items": 24}}))
     out = tmp_path / "sweep"
     proc = run_script("scaling.py", "sweep", sweep_json, "--dir", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -246,6 +378,10 @@ def test_scaling_command_end_to_end(tmp_path, tiny_overrides, prepared):
         assert r["tokens"] == 2048 and summary["step"] == 8 and r["C"] == 6 * r["N"] * 2048
         assert r["N"] == summary["parameters"]["non_embedding"] and r["N_total"] == summary["parameters"]["total"]
     assert recs[0]["N"] < recs[1]["N"] < recs[2]["N"]
+    for r in recs:  # the capability metric, measured on the trained checkpoint: -log p(target), in nats
+        cap = json.loads((out / r["name"] / "capability.json").read_text())
+        assert r["capability"] == cap["nll_correct"] > 0 and r["capability_task"] == "code-cloze"
+        assert 0 < cap["items"] <= 24 and cap["nll_correct_stderr"] > 0 and 0 <= r["capability_acc"] <= 1
     stamps = [(out / r["name"] / "summary.json").stat().st_mtime_ns for r in recs]
 
     proc = run_script("scaling.py", "sweep", sweep_json, "--dir", out)
@@ -257,8 +393,12 @@ def test_scaling_command_end_to_end(tmp_path, tiny_overrides, prepared):
     assert main(["fit", str(sweep_json), "--dir", str(out), "--bootstrap", "10"]) == 0
     fits = json.loads((out / "fits.json").read_text())
     assert fits["points"] == 3 and fits["L_N"]["points"] == 3 and fits["L_N"]["alpha"] >= 0
+    assert fits["n_count"] == "non_embedding" and fits["alt"]["n_count"] == "total"
+    assert fits["alt"]["L_N"]["points"] == 3
+    front = scaling.frontier(recs, key="flops", metric="capability")
+    assert ("capability" in fits) == (len(front) >= 3)
     assert main(["plot", str(sweep_json), "--dir", str(out), "--out", str(tmp_path / "png")]) == 0
-    for name in ("loss_vs_compute.png", "loss_vs_n.png", "isoflop.png"):
+    for name in ("loss_vs_compute.png", "loss_vs_n.png", "capability.png"):
         data = (tmp_path / "png" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
@@ -275,4 +415,4 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert main(["sweep", "cpu-ladder", "--dry-run", "model.n_layers=3"]) == 2
     assert "did you mean 'model.n_layer'" in capsys.readouterr().err
     assert main(["sweep", "cpu-ladder", "--dry-run"]) == 0
-    assert "predict-d192-L6" in capsys.readouterr().out
+    assert "predict-d64-L4" in capsys.readouterr().out

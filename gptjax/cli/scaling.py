@@ -31,8 +31,11 @@ def main(argv=None) -> int:
     s = sub.add_parser("sweep", help="train every ladder and isoFLOP point not yet finished")
     common(s)
     s.add_argument("--dry-run", action="store_true", help="print the planned points and train nothing")
-    s.add_argument("--tflops", type=float, default=0.06,
-                   help="effective TFLOP/s for --dry-run's time estimate (2-core CPU: about 0.03-0.09)")
+    s.add_argument("--tflops", type=float, default=0.03,
+                   help="effective TFLOP/s for --dry-run's time estimate (2-core CPU: about 0.015-0.04 for the "
+                        "cpu-ladder's small models, more for wider ones)")
+    s.add_argument("--overhead", type=float, default=12.0,
+                   help="seconds per point for --dry-run's estimate: compilation, evaluation, checkpoint")
     f = sub.add_parser("fit", help="fit the scaling laws to results.jsonl -> fits.json")
     common(f, overrides=False)
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (0: none)")
@@ -72,18 +75,25 @@ def _main(args) -> int:
     if args.cmd == "sweep":
         if args.dry_run:
             points, notes = scaling.plan_points(sw, sweep_dir, args.overrides)
-            print(scaling.describe(points, sw.n_count, args.tflops))
+            print(scaling.describe(points, sw.n_count, args.tflops, args.overhead))
             print("\n".join(f"note: {n}" for n in notes))
             return 0
         scaling.sweep(sw, sweep_dir, args.overrides)
     elif args.cmd == "fit":
         recs = scaling.load_results(sweep_dir, args.sweep)
-        fits = scaling.fit_all(recs, bootstrap=args.bootstrap, n_count=args.n_count)
+        count = args.n_count or sw.n_count
+        fits = scaling.fit_all(recs, bootstrap=args.bootstrap, n_count=count)
+        # the other parameter count too (Kaplan counts non-embedding parameters, Chinchilla all of them)
+        other = "total" if count == "non_embedding" else "non_embedding"
+        fits["alt"] = scaling.fit_all(recs, bootstrap=args.bootstrap, n_count=other)
         text = json.dumps(fits, indent=2) + "\n"
         (sweep_dir / "fits.json").write_text(text)
         if args.json:
             Path(args.json).write_text(text)
+        print(f"N = {count.replace('_', '-')} parameters:")
         print(scaling.summarize_fits(fits))
+        print(f"\nN = {other.replace('_', '-')} parameters:")
+        print(scaling.summarize_fits(fits["alt"]))
         print(f"-> {sweep_dir / 'fits.json'}")
     elif args.cmd == "plot":
         for path in scaling.plot(sweep_dir, args.out):

@@ -383,7 +383,7 @@ def score_task(task: Task, scorer, tokenizer, *, shots: int = 0, limit: int = 0,
     truncated = scorer.truncated - before
     out: dict = {"n": len(docs), "truncated": truncated}
     if task.kind == "multiple_choice":
-        acc, acc_norm = [], []
+        acc, acc_norm, nll = [], [], []
         j = 0
         for i in docs:
             k = len(task.test[i]["choices"])
@@ -393,13 +393,19 @@ def score_task(task: Task, scorer, tokenizer, *, shots: int = 0, limit: int = 0,
             gold = task.test[i]["gold"]
             acc.append(float(max(range(k), key=lambda c: lls[c]) == gold))
             acc_norm.append(float(max(range(k), key=lambda c: lls[c] / max(lens[c], 1)) == gold))
-        out.update(acc=sum(acc) / len(acc), acc_stderr=_stderr(acc), acc_norm=sum(acc_norm) / len(acc_norm),
+            top = max(lls)  # -log p(correct), p a softmax over the choices' log-likelihoods (GPT-4 report, 3.2)
+            nll.append(top + math.log(sum(math.exp(x - top) for x in lls)) - lls[gold])
+        out.update(nll_correct=sum(nll) / len(nll), nll_correct_stderr=_stderr(nll),
+                   acc=sum(acc) / len(acc), acc_stderr=_stderr(acc), acc_norm=sum(acc_norm) / len(acc_norm),
                    acc_norm_stderr=_stderr(acc_norm), chance=sum(1 / len(task.test[i]["choices"]) for i in docs) / len(acc))
     else:
         acc = [float(g) for _, g in scores]
         lls = [ll for ll, _ in scores]
+        # -log p(correct): the target's negative log-likelihood, i.e. minus the log of the chance that a sample
+        # from the model completes the context with exactly the target (GPT-4 report, 3.2: -E[log pass rate])
         out.update(acc=sum(acc) / len(acc), acc_stderr=_stderr(acc),
-                   ppl=math.exp(min(-sum(lls) / len(lls), 700.0)))
+                   ppl=math.exp(min(-sum(lls) / len(lls), 700.0)),
+                   nll_correct=-sum(lls) / len(lls), nll_correct_stderr=_stderr([-x for x in lls]))
     return out
 
 

@@ -211,32 +211,106 @@ def compute_optimal(p: dict, C):
     return G * (C / 6) ** (p["beta"] / s), (C / 6) ** (p["alpha"] / s) / G
 
 
-def frontier(points: list[dict], key: str = "C") -> list[dict]:
-    """The points no cheaper point beats: each has a lower loss than every point with less compute."""
+def frontier(points: list[dict], key: str = "C", metric: str = "val_loss") -> list[dict]:
+    """The points no cheaper point beats: each has a lower `metric` than every point with less `key`."""
     best, out = math.inf, []
     for r in sorted(points, key=lambda r: r[key]):
-        if r["val_loss"] < best:
+        if r[metric] < best:
             out.append(r)
-            best = r["val_loss"]
+            best = r[metric]
     return out
 
 
-def isoflop_minima(points: list[dict]) -> list[dict]:
+def isoflop_minima(points: list[dict], n_key: str = "N") -> list[dict]:
     """Per isoFLOP budget with 3+ sizes: a parabola in log N through the losses, and its minimum (Hoffmann et
-    al. approach 2)."""
+    al. approach 2). `interior`: the parabola's minimum lies inside the sizes tried; `strict`: it has at least
+    two sizes on each side and the best measured point is not at either end. D_opt is interpolated in log-log
+    between the measured token counts (C = 6ND or the exact FLOPs, whichever the budget counts)."""
     out = []
     for budget in sorted({r["budget"] for r in points if r.get("budget")}):
-        rs = sorted((r for r in points if r.get("budget") == budget), key=lambda r: r["N"])
-        if len({r["N"] for r in rs}) < 3:
+        rs = sorted((r for r in points if r.get("budget") == budget), key=lambda r: r[n_key])
+        ns = sorted({r[n_key] for r in rs})
+        if len(ns) < 3:
             continue
-        x = np.log([r["N"] for r in rs])
-        c2, c1, c0 = np.polyfit(x, [r["val_loss"] for r in rs], 2)
+        x = np.log([r[n_key] for r in rs])
+        losses = [r["val_loss"] for r in rs]
+        c2, c1, c0 = np.polyfit(x, losses, 2)
         inside = c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max()
-        xm = -c1 / (2 * c2) if inside else x[int(np.argmin([r["val_loss"] for r in rs]))]
-        out.append({"budget": budget, "N_opt": float(math.exp(xm)), "D_opt": float(budget / (6 * math.exp(xm))),
-                    "loss": float(c0 + c1 * xm + c2 * xm * xm) if inside else float(min(r["val_loss"] for r in rs)),
-                    "parabola": [float(c2), float(c1), float(c0)], "interior": bool(inside)})
+        xm = -c1 / (2 * c2) if inside else x[int(np.argmin(losses))]
+        if all("tokens" in r for r in rs):
+            lx = np.log(ns)
+            ld = np.log([np.mean([r["tokens"] for r in rs if r[n_key] == n]) for n in ns])
+            d_opt = float(math.exp(np.interp(xm, lx, ld, left=ld[0] - (lx[0] - xm), right=ld[-1] - (xm - lx[-1]))))
+        else:
+            d_opt = float(budget / (6 * math.exp(xm)))
+        below = sum(n < math.exp(xm) for n in ns)
+        best_at = ns.index(rs[int(np.argmin(losses))][n_key])
+        out.append({"budget": budget, "N_opt": float(math.exp(xm)), "D_opt": d_opt,
+                    "loss": float(c0 + c1 * xm + c2 * xm * xm) if inside else float(min(losses)),
+                    "parabola": [float(c2), float(c1), float(c0)], "interior": bool(inside),
+                    "sizes_below": below, "sizes_above": len(ns) - below,
+                    "strict": bool(inside and below >= 2 and len(ns) - below >= 2 and 0 < best_at < len(ns) - 1)})
     return out
+
+
+def fit_approach2(points: list[dict], *, n_key: str = "N", bootstrap: int = 0, seed: int = 0) -> dict:
+    """Hoffmann et al.'s approach 2: the isoFLOP parabolas' minima N_opt(C), D_opt(C), and the power laws
+    N_opt = k_N C^a, D_opt = k_D C^b through the budgets whose minimum is interior (least squares in log-log).
+    Intervals: `bootstrap` resamples of the points within each budget (parabolas and lines refitted)."""
+    minima = [m for m in isoflop_minima(points, n_key) if m["interior"]]
+    out: dict[str, Any] = {"n_key": n_key, "minima": isoflop_minima(points, n_key), "budgets_used": len(minima)}
+    if len(minima) < 2:
+        return out
+
+    def lines(ms):
+        lc = np.log([m["budget"] for m in ms])
+        a, ka = np.polyfit(lc, np.log([m["N_opt"] for m in ms]), 1)
+        b, kb = np.polyfit(lc, np.log([m["D_opt"] for m in ms]), 1)
+        return float(a), float(ka), float(b), float(kb)
+
+    a, ka, b, kb = lines(minima)
+    lc = np.log([m["budget"] for m in minima])
+    resid = np.log([m["N_opt"] for m in minima]) - (ka + a * lc)
+    out.update(a=a, b=b, k_N=math.exp(ka), k_D=math.exp(kb), log_N_opt_rms=float(np.sqrt(np.mean(resid ** 2))),
+               C_range=[float(min(m["budget"] for m in minima)), float(max(m["budget"] for m in minima))])
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        groups = {}
+        for r in points:
+            if r.get("budget"):
+                groups.setdefault(r["budget"], []).append(r)
+        samples = []
+        for _ in range(bootstrap):
+            res = [g[i] for g in groups.values() for i in rng.integers(0, len(g), len(g))]
+            ms = [m for m in isoflop_minima(res, n_key) if m["interior"]]
+            if len(ms) >= 2:
+                samples.append(lines(ms))
+        if samples:
+            arr = np.array(samples)
+            out["ci"] = {"a": _ci(arr[:, 0]), "b": _ci(arr[:, 2])}
+            out["bootstrap"] = len(samples)
+    return out
+
+
+def approach2_n_opt(fit: dict, C):
+    """N_opt(C) and D_opt(C) from an approach-2 fit."""
+    C = np.asarray(C, float)
+    return fit["k_N"] * C ** fit["a"], fit["k_D"] * C ** fit["b"]
+
+
+def fit_capability(points: list[dict], *, key: str = "flops", metric: str = "capability", bootstrap: int = 0,
+                   seed: int = 0) -> dict:
+    """GPT-4 (section 3.2): -E[log p(correct)] = alpha_c * C^-k, a power law without offset fitted (in log space,
+    Huber loss) on the compute frontier of the metric (each point better than every cheaper one)."""
+    have = [r for r in points if r.get(metric) is not None and math.isfinite(r[metric])]
+    front = frontier(have, key=key, metric=metric)
+    if len(front) < 3:
+        raise SweepError(f"the capability fit needs 3 or more frontier points with '{metric}', got {len(front)}")
+    p = fit_power_law([r[key] for r in front], [r[metric] for r in front], offset=False, bootstrap=bootstrap,
+                      seed=seed)
+    p.update(frontier=[r["name"] for r in front], key=key, metric=metric, k=p["alpha"],
+             alpha_c=math.exp(p["a"]), C_range=[float(front[0][key]), float(front[-1][key])])
+    return p
 
 
 def fit_all(recs: list[dict], *, bootstrap: int = 200, seed: int = 0, n_count: str | None = None) -> dict:
@@ -269,6 +343,13 @@ def fit_all(recs: list[dict], *, bootstrap: int = 200, seed: int = 0, n_count: s
                                  for c in (Cs[0], Cs[-1], 10 * Cs[-1]) for n, d in [compute_optimal(ch, c)]]
         out["L_ND"] = ch
     out["isoflop_minima"] = isoflop_minima(recs)
+    if out["isoflop_minima"]:
+        out["approach2"] = fit_approach2(recs, bootstrap=bootstrap, seed=seed)
+    if sum(r.get("capability") is not None for r in recs) >= 3:
+        try:
+            out["capability"] = fit_capability(recs, bootstrap=bootstrap, seed=seed)
+        except SweepError:
+            pass
     return out
 
 
@@ -301,6 +382,17 @@ def summarize_fits(f: dict) -> str:
             lines.append(f"  C = {c['C']:.3g}: N_opt = {c['N_opt']:.3g}, D_opt = {c['D_opt']:.3g} "
                          f"({c['D_opt'] / c['N_opt']:.3g} tokens per parameter)")
     for m in f.get("isoflop_minima", []):
+        where = ("" if m.get("strict") else ", inside but with fewer than two sizes on a side") if m["interior"] \
+            else ", at the edge of the sizes tried"
         lines.append(f"isoFLOP C = {m['budget']:.3g}: loss-minimising N ~ {m['N_opt']:.3g} "
-                     f"(D ~ {m['D_opt']:.3g}){'' if m['interior'] else ', at the edge of the sizes tried'}")
+                     f"(D ~ {m['D_opt']:.3g}, {m['D_opt'] / m['N_opt']:.3g} tokens per parameter){where}")
+    a2 = f.get("approach2", {})
+    if "a" in a2:
+        lines.append(f"approach 2 ({a2['budgets_used']} interior budgets): N_opt ~ C^{ci(a2, 'a')}, "
+                     f"D_opt ~ C^{ci(a2, 'b')}; rms of log N_opt about the line {a2['log_N_opt_rms']:.3f}   "
+                     f"(Chinchilla: 0.49 / 0.51; Kaplan: 0.73 / 0.27)")
+    if "capability" in f:
+        p = f["capability"]
+        lines.append(f"capability: -E[log p(correct)] = {p['alpha_c']:.4g} C^-{ci(p, 'alpha')} on the "
+                     f"{len(p['frontier'])}-point frontier (C = exact training FLOPs)")
     return "\n".join(lines)

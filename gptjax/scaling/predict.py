@@ -10,8 +10,10 @@ from typing import Callable
 import numpy as np
 
 from gptjax.errors import SweepError
-from gptjax.scaling.fit import _ci, chinchilla_loss, fit_chinchilla, fit_power_law, frontier, power_law
-from gptjax.scaling.sweep import Point, SweepConfig, is_finished, load_results, plan_points, record, train_point
+from gptjax.scaling.fit import (_ci, chinchilla_loss, fit_capability, fit_chinchilla, fit_power_law, frontier,
+                                power_law)
+from gptjax.scaling.sweep import (Point, SweepConfig, is_finished, load_results, measure_capability, plan_points, record,
+                                  train_point)
 
 # ----------------------------------------------------------------------------------------------
 # Prediction, GPT-4 style
@@ -67,6 +69,13 @@ def predict(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None 
             lc = fit_power_law([r["C"] for r in front], [r["val_loss"] for r in front], offset=True)
             pred["fit_L_C"] = lc
             pred["predicted_loss_L_C"] = float(power_law(lc, 6.0 * N * D))
+        if sw.capability.task and sum(r.get("capability") is not None for r in recs) >= 3:
+            cap = fit_capability(recs, bootstrap=bootstrap, seed=seed)
+            pred["fit_capability"] = cap
+            pred["capability_task"] = sw.capability.task
+            pred["predicted_capability"] = float(power_law(cap, p.flops))
+            if "ci" in cap:  # the interval of the power law's value at the point, over the bootstrap refits
+                pred["predicted_capability_ci"] = _capability_ci(recs, p.flops, bootstrap, seed)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(pred, indent=2) + "\n")
         log(f"predicted before training {p.name} (N = {N:,}, D = {D:,}, {ratio:.1f}x the FLOPs of the largest of "
@@ -74,6 +83,8 @@ def predict(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None 
             + (f" [{pred['predicted_loss_ci'][0]:.4f}, {pred['predicted_loss_ci'][1]:.4f}]"
                if "predicted_loss_ci" in pred else "")
             + (f"; L(C) fit says {pred['predicted_loss_L_C']:.4f}" if "predicted_loss_L_C" in pred else "")
+            + (f"; -E[log p(correct)] on {pred['capability_task']} {pred['predicted_capability']:.3f}"
+               if "predicted_capability" in pred else "")
             + f"  -> {path}")
     else:
         log(f"prediction made at {pred['made_at']} kept: loss {pred['predicted_loss']:.4f}")
@@ -93,7 +104,33 @@ def predict(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None 
     if "predicted_loss_ci" in pred:
         lo, hi = pred["predicted_loss_ci"]
         pred["actual_within_ci"] = bool(lo <= actual["val_loss"] <= hi)
+    if "predicted_capability" in pred:
+        cap = measure_capability(sw, p)
+        pred["actual_capability"] = cap["nll_correct"]
+        pred["actual_capability_se"] = cap["nll_correct_stderr"]
+        pred["capability_error"] = pred["predicted_capability"] - cap["nll_correct"]
+        if "predicted_capability_ci" in pred:
+            lo, hi = pred["predicted_capability_ci"]
+            pred["actual_capability_within_ci"] = bool(lo <= cap["nll_correct"] <= hi)
     path.write_text(json.dumps(pred, indent=2) + "\n")
     log(f"{p.name}: predicted {pred['predicted_loss']:.4f}, measured {actual['val_loss']:.4f}: error "
-        f"{pred['error']:+.4f} nats/token ({pred['relative_error']:+.2%})")
+        f"{pred['error']:+.4f} nats/token ({pred['relative_error']:+.2%})"
+        + (f"; -E[log p(correct)] predicted {pred['predicted_capability']:.3f}, measured "
+           f"{pred['actual_capability']:.3f}" if "actual_capability" in pred else ""))
     return pred
+
+
+def _capability_ci(recs: list[dict], flops: float, bootstrap: int, seed: int) -> list[float]:
+    """95% interval of the capability law's value at `flops`: the frontier's points resampled, the law
+    refitted, evaluated at the point."""
+    front = frontier([r for r in recs if r.get("capability") is not None], key="flops", metric="capability")
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(front), len(front))
+        if len(set(idx.tolist())) < 2:
+            continue
+        sub = [front[i] for i in idx]
+        q = fit_power_law([r["flops"] for r in sub], [r["capability"] for r in sub], offset=False, n_starts=2)
+        vals.append(float(power_law(q, flops)))
+    return _ci(np.array(vals))

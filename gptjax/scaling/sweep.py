@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,8 +15,7 @@ from gptjax.config import ConfigError, TrainConfig
 from gptjax.errors import SweepError
 
 N_COUNTS = ("non_embedding", "total")
-
-
+MEASURES = ("6ND", "flops")  # what an isoFLOP budget counts: C = 6 N D (N per n_count), or the exact FLOPs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ class SizeSpec:
     d_model: int = 0
     n_head: int = 0  # 0 means d_model // head_dim
     d_ff: int = 0  # 0 means 4 * d_model
-    lr: float = 0.0  # 0 means the base config's optim.lr
+    lr: float = 0.0  # 0 means the learning rate tuned by lr_sweep (when the sweep has one), else the base's optim.lr
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,37 @@ class IsoflopSpec:
     budgets: tuple[float, ...] = ()  # C = 6 N D
     sizes: tuple[str, ...] = ()  # () means every size except the prediction point's
     max_tokens: int = 0  # leave out points that would train on more tokens (0: no limit)
+    measure: str = "6ND"  # "6ND": budgets are C = 6 N D; "flops": budgets are exact training FLOPs
+    # per-budget size lists (a window around each budget's optimum), overriding `sizes`; keys as in "budgets"
+    sizes_by_budget: tuple[tuple[str, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class LrSweepSpec:
+    """Learning rates tried per size at one compute budget (exact FLOPs). The tuned rate of every size is the
+    power law lr(N_total) = c N^-p fitted through each size's best rate (a parabola in log lr around the best
+    grid point), so noise in one size's sweep does not pick its rate, and sizes not swept (the prediction
+    point) get the law's rate."""
+    lrs: tuple[float, ...] = ()
+    budget: float = 0.0
+    sizes: tuple[str, ...] = ()  # () means every size except the prediction point's
+
+
+@dataclass(frozen=True)
+class ExtraSeedsSpec:
+    seeds: tuple[int, ...] = ()
+    points: tuple[str, ...] = ()  # point names (as planned with the first seed) to train again with each seed
+
+
+@dataclass(frozen=True)
+class CapabilitySpec:
+    """A task metric measured on every finished point: the mean negative log-probability of the correct choice
+    (-E[log p(correct)], softmax over the choices' likelihoods) on a built-in multiple-choice task, the
+    quantity GPT-4's report (section 3.2) fitted as a power law in compute. On code-cloze p(correct) is the
+    model's probability of the exact target identifier (the chance a sample completes it correctly, the analogue
+    of a pass rate); on code-nextline it is the softmax over the four choices' log-likelihoods."""
+    task: str = ""  # "" means none; "code-cloze" or "code-nextline"
+    items: int = 400
 
 
 @dataclass(frozen=True)
@@ -70,6 +101,9 @@ class SweepConfig:
     ladder: LadderSpec = field(default_factory=LadderSpec)
     isoflop: IsoflopSpec = field(default_factory=IsoflopSpec)
     predict: PredictSpec = field(default_factory=PredictSpec)
+    lr_sweep: LrSweepSpec = field(default_factory=LrSweepSpec)
+    extra_seeds: ExtraSeedsSpec = field(default_factory=ExtraSeedsSpec)
+    capability: CapabilitySpec = field(default_factory=CapabilitySpec)
 
 
 def _near(key: str, names) -> str:
@@ -117,12 +151,23 @@ def validate_sweep(sw: SweepConfig) -> SweepConfig:
     for s in sw.sizes:
         need(s.preset or (s.n_layer > 0 and s.d_model > 0),
              f"size '{size_name(s)}' needs n_layer and d_model (or a preset)")
-    for where, sizes in (("ladder", sw.ladder.sizes), ("isoflop", sw.isoflop.sizes), ("predict", (sw.predict.size,))):
+    by_budget = [n for ns in sw.isoflop.sizes_by_budget for n in ns]
+    for where, sizes in (("ladder", sw.ladder.sizes), ("isoflop", tuple(sw.isoflop.sizes) + tuple(by_budget)),
+                         ("predict", (sw.predict.size,)), ("lr_sweep", sw.lr_sweep.sizes)):
         for n in sizes:
             need(not n or n in names, f"{where} names an unknown size '{n}'{_near(n, names)}")
     need(not (sw.ladder.tokens and sw.ladder.tokens_per_param), "ladder: give tokens or tokens_per_param, not both")
     need(not (sw.predict.tokens and sw.predict.tokens_per_param), "predict: give tokens or tokens_per_param, not both")
     need(all(b > 0 for b in sw.isoflop.budgets), "isoflop budgets must be positive")
+    need(sw.isoflop.measure in MEASURES, f"isoflop.measure must be one of {MEASURES}, got '{sw.isoflop.measure}'")
+    need(not sw.isoflop.sizes_by_budget or len(sw.isoflop.sizes_by_budget) == len(sw.isoflop.budgets),
+         f"isoflop.sizes_by_budget lists {len(sw.isoflop.sizes_by_budget)} size lists for "
+         f"{len(sw.isoflop.budgets)} budgets: give one list per budget")
+    lr = sw.lr_sweep
+    need(not lr.lrs or (lr.budget > 0 and len(lr.lrs) >= 3 and all(x > 0 for x in lr.lrs)),
+         "lr_sweep needs 3 or more positive 'lrs' and a positive 'budget' (exact FLOPs)")
+    need(sw.capability.task in ("", "code-cloze", "code-nextline"),
+         f"capability.task must be '', 'code-cloze' or 'code-nextline', got '{sw.capability.task}'")
     return sw
 
 
@@ -140,11 +185,12 @@ class Point:
     group: str  # "ladder", "isoflop" or "predict"
     size: str
     seed: int
-    budget: float | None  # the isoFLOP budget (C = 6ND), None elsewhere
+    budget: float | None  # the isoFLOP budget (C = 6ND or exact FLOPs, per isoflop.measure), None elsewhere
     cfg: TrainConfig
     n_non_embedding: int
     n_total: int
     flops_per_token: float
+    lr_pending: bool = False  # its rate comes from the lr sweep, which has not finished yet
 
     @property
     def tokens(self) -> int:
@@ -175,8 +221,16 @@ def _model_overrides(sw: SweepConfig, s: SizeSpec) -> list[str]:
             f"model.d_ff={F}"]
 
 
-def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = None) -> tuple[list[Point], list[str]]:
-    """Every point of the sweep (the prediction point last), and notes on points left out."""
+def _budget_name(budget: float) -> str:
+    """iso1e11, iso1.5e11, iso3e12: the budget to two significant digits."""
+    return "iso" + f"{budget:.2g}".replace("+", "").replace("e0", "e")
+
+
+def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = None,
+                tuned: dict[str, float] | None = None) -> tuple[list[Point], list[str]]:
+    """Every point of the sweep (learning-rate points first, the prediction point last), and notes on points
+    left out. Sizes whose rate the lr sweep tunes take it from `tuned` (default: SWEEP_DIR/lr.json when the lr
+    sweep has finished); until then they are planned with the base rate and marked `lr_pending`."""
     from gptjax import flops as flops_lib
 
     sweep_dir = Path(sweep_dir)
@@ -187,6 +241,9 @@ def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | N
         raise SweepError(f"sweep '{sw.name}': {e}") from None
     tps = base.tokens_per_step
     counts_cache: dict[str, tuple[TrainConfig, dict, float]] = {}
+    if tuned is None and sw.lr_sweep.lrs:
+        path = sweep_dir / "lr.json"
+        tuned = json.loads(path.read_text())["tuned"] if path.exists() else None
 
     def sized(name: str):
         if name not in counts_cache:
@@ -200,7 +257,8 @@ def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | N
     points: list[Point] = []
     notes: list[str] = []
 
-    def add(group: str, name: str, size: str, tokens: float, budget: float | None):
+    def add(group: str, name: str, size: str, tokens: float, budget: float | None, *, lr: float = 0.0,
+            seeds=None):
         cfg0, counts, fpt = sized(size)
         steps = max(int(round(tokens / tps)), 1)
         if steps < sw.min_steps:
@@ -208,29 +266,52 @@ def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | N
                          f"(min_steps={sw.min_steps})")
             return
         s = sizes[size]
-        for seed in sw.seeds:
-            pname = name + (f"-s{seed}" if len(sw.seeds) > 1 else "")
+        pending = False
+        if not lr:
+            lr = s.lr
+        if not lr and sw.lr_sweep.lrs:
+            lr = (tuned or {}).get(size, 0.0)
+            pending = tuned is None
+        for seed in seeds or sw.seeds:
+            pname = name + (f"-s{seed}" if seeds or len(sw.seeds) > 1 else "")
             ov = [f"steps={steps}", f"seed={seed}", f"run_dir={sweep_dir / pname}",
                   f"optim.warmup_steps={max(1, int(round(sw.warmup_fraction * steps)))}"]
-            if s.lr:
-                ov.append(f"optim.lr={s.lr}")
+            if lr:
+                ov.append(f"optim.lr={lr:.6g}")
             cfg = config_lib.apply_overrides(cfg0, ov)
-            points.append(Point(pname, group, size, seed, budget, cfg, counts["non_embedding"], counts["total"], fpt))
+            points.append(Point(pname, group, size, seed, budget, cfg, counts["non_embedding"], counts["total"], fpt,
+                                lr_pending=pending))
 
     default_sizes = [n for n in sizes if n != sw.predict.size]
+    lrs = sw.lr_sweep
+    for n in (lrs.sizes or default_sizes) if lrs.lrs else ():
+        for lr in lrs.lrs:
+            add("lr", f"lr{lr:g}-{n}", n, lrs.budget / sized(n)[2], lrs.budget, lr=lr)
     lad = sw.ladder
     if lad.tokens or lad.tokens_per_param:
         for n in lad.sizes or default_sizes:
             tokens = lad.tokens or lad.tokens_per_param * sized(n)[1][sw.n_count]
             add("ladder", f"ladder-{n}", n, tokens, None)
-    for budget in sw.isoflop.budgets:
-        for n in sw.isoflop.sizes or default_sizes:
-            tokens = budget / (6 * sized(n)[1][sw.n_count])
-            if sw.isoflop.max_tokens and tokens > sw.isoflop.max_tokens:
-                notes.append(f"left out {f'iso{budget:.0e}'.replace('+', '')}-{n}: {_fmt_tokens(tokens)} tokens is more than "
-                             f"isoflop.max_tokens={sw.isoflop.max_tokens}")
+    iso = sw.isoflop
+    for i, budget in enumerate(iso.budgets):
+        for n in (iso.sizes_by_budget[i] if iso.sizes_by_budget else iso.sizes or default_sizes):
+            per_token = sized(n)[2] if iso.measure == "flops" else 6 * sized(n)[1][sw.n_count]
+            tokens = budget / per_token
+            if iso.max_tokens and tokens > iso.max_tokens:
+                notes.append(f"left out {_budget_name(budget)}-{n}: {_fmt_tokens(tokens)} tokens is more than "
+                             f"isoflop.max_tokens={iso.max_tokens}")
                 continue
-            add("isoflop", f"iso{budget:.0e}-{n}".replace("+", ""), n, tokens, budget)
+            add("isoflop", f"{_budget_name(budget)}-{n}", n, tokens, budget)
+    extra = sw.extra_seeds
+    if extra.seeds:
+        by_name = {p.name: p for p in points}
+        for name in extra.points:
+            if name not in by_name:
+                raise SweepError(f"sweep '{sw.name}': extra_seeds names an unknown point '{name}'"
+                                 f"{_near(name, by_name)}")
+            q = by_name[name]
+            add(q.group, name, q.size, q.tokens, q.budget, seeds=[s for s in extra.seeds if s != q.seed],
+                lr=q.cfg.optim.lr if q.group == "lr" else 0.0)
     p = sw.predict
     if p.size:
         tokens = p.tokens or p.tokens_per_param * sized(p.size)[1][sw.n_count]
@@ -240,17 +321,60 @@ def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | N
     return points, notes
 
 
-def describe(points: list[Point], n_count: str = "non_embedding", tflops: float = 0.0) -> str:
-    """A table of the planned points; with `tflops` (effective FLOP/s / 1e12), an estimated time each."""
-    rows = [f"{'point':<28} {'N':>9} {'steps':>6} {'D':>7} {'C=6ND':>9} {'FLOPs':>9}" + ("  est." if tflops else "")]
+def tune_lrs(sw: SweepConfig, points: list[Point]) -> dict:
+    """The lr sweep's result from its finished points: each size's best rate (a parabola in log lr through the
+    best grid point and its neighbours, when the best is not at the grid's edge) and the power law
+    lr(N_total) = c N^-p through them, which gives every size its tuned rate."""
+    import math
+
+    import numpy as np
+
+    lr_points = [p for p in points if p.group == "lr"]
+    by_size: dict[str, list[tuple[float, float]]] = {}
+    n_total = {}
+    for p in lr_points:
+        s = json.loads((Path(p.cfg.run_dir) / "summary.json").read_text())
+        loss = s["val_loss"] if math.isfinite(s.get("val_loss", math.nan)) else math.inf
+        by_size.setdefault(p.size, []).append((p.cfg.optim.lr, loss))
+        n_total[p.size] = p.n_total
+    best = {}
+    for size, rows in by_size.items():
+        rows.sort()
+        i = int(np.argmin([r[1] for r in rows]))
+        lr = rows[i][0]
+        if 0 < i < len(rows) - 1 and all(math.isfinite(r[1]) for r in rows[i - 1:i + 2]):
+            x = np.log([r[0] for r in rows[i - 1:i + 2]])
+            c2, c1, _ = np.polyfit(x, [r[1] for r in rows[i - 1:i + 2]], 2)
+            if c2 > 0:
+                lr = float(math.exp(min(max(-c1 / (2 * c2), x[0]), x[-1])))
+        best[size] = {"lr": float(lr), "grid_best": rows[i][0], "edge": i in (0, len(rows) - 1),
+                      "losses": {f"{a:g}": b for a, b in rows}, "N_total": n_total[size]}
+    sizes = sorted(best, key=lambda k: n_total[k])
+    if len(sizes) >= 2:
+        slope, icpt = np.polyfit(np.log([n_total[k] for k in sizes]), np.log([best[k]["lr"] for k in sizes]), 1)
+    else:
+        slope, icpt = 0.0, math.log(best[sizes[0]]["lr"])
+    all_sizes = {p.size: p.n_total for p in points}
+    tuned = {k: float(math.exp(icpt + slope * math.log(n))) for k, n in all_sizes.items()}
+    return {"budget": sw.lr_sweep.budget, "lrs": list(sw.lr_sweep.lrs), "per_size": best,
+            "law": {"c": float(math.exp(icpt)), "p": float(-slope)}, "tuned": tuned}
+
+
+def describe(points: list[Point], n_count: str = "non_embedding", tflops: float = 0.0, overhead_s: float = 0.0) -> str:
+    """A table of the planned points; with `tflops` (effective FLOP/s / 1e12), an estimated time each (plus
+    `overhead_s` per point for compilation, evaluation and checkpoints)."""
+    rows = [f"{'point':<28} {'N':>9} {'steps':>6} {'D':>7} {'C=6ND':>9} {'FLOPs':>9} {'lr':>8}"
+            + ("  est." if tflops else "")]
     total = 0.0
     for p in points:
-        est = p.flops / (tflops * 1e12) if tflops else 0.0
+        est = p.flops / (tflops * 1e12) + overhead_s if tflops else 0.0
         total += est
+        lr = "tuned" if p.lr_pending else f"{p.cfg.optim.lr:.3g}"
         rows.append(f"{p.name:<28} {_fmt_tokens(p.n(n_count)):>9} {p.cfg.steps:>6} {_fmt_tokens(p.tokens):>7} "
-                    f"{6 * p.n(n_count) * p.tokens:>9.2e} {p.flops:>9.2e}" + (f"  {est / 60:5.1f} min" if tflops else ""))
+                    f"{6 * p.n(n_count) * p.tokens:>9.2e} {p.flops:>9.2e} {lr:>8}"
+                    + (f"  {est / 60:5.1f} min" if tflops else ""))
     rows.append(f"{len(points)} points, {sum(p.flops for p in points):.2e} training FLOPs"
-                + (f", about {total / 60:.0f} min at {tflops} TFLOP/s (training only)" if tflops else ""))
+                + (f", about {total / 60:.0f} min at {tflops} TFLOP/s + {overhead_s:g} s per point" if tflops else ""))
     return "\n".join(rows)
 
 
@@ -289,11 +413,45 @@ def record(p: Point, n_count: str = "non_embedding") -> dict:
             "C_6ND_total": 6.0 * p.n_total * D, "flops": p.flops,
             "val_loss": s["val_loss"], "val_bits_per_byte": s["val_bits_per_byte"],
             "train_seconds": s.get("train_seconds"), "total_seconds": s.get("total_seconds"),
-            "tokens_per_s": s.get("tokens_per_s"), "run_dir": str(p.cfg.run_dir)}
+            "tokens_per_s": s.get("tokens_per_s"), "run_dir": str(p.cfg.run_dir),
+            **_capability_fields(Path(p.cfg.run_dir))}
+
+
+def _capability_fields(run_dir: Path) -> dict:
+    path = run_dir / "capability.json"
+    if not path.exists():
+        return {}
+    c = json.loads(path.read_text())
+    return {"capability": c["nll_correct"], "capability_se": c["nll_correct_stderr"], "capability_acc": c["acc"],
+            "capability_task": c["task"]}
+
+
+def measure_capability(sw: SweepConfig, p: Point) -> dict | None:
+    """-E[log p(correct)] (and accuracy) of a finished point on the sweep's capability task, cached in
+    RUN_DIR/capability.json; None when the sweep measures none."""
+    cap = sw.capability
+    if not cap.task:
+        return None
+    path = Path(p.cfg.run_dir) / "capability.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from gptjax.eval import tasks as tasks_lib
+    from gptjax.eval.scoring import Scorer, load_run
+
+    run = load_run(p.cfg.run_dir)
+    task = tasks_lib.resolve(cap.task, run.cfg.data, n=cap.items, seed=0)
+    m = tasks_lib.score_task(task, Scorer(run, progress=False), run.tokenizer)
+    out = {"task": cap.task, "items": m["n"], "shots": 0, **{k: m[k] for k in (
+        "nll_correct", "nll_correct_stderr", "acc", "acc_stderr")}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(path)
+    return out
 
 
 def write_results(sw: SweepConfig, points: list[Point], sweep_dir: Path) -> list[dict]:
-    recs = [record(p, sw.n_count) for p in points if p.group != "predict" and is_finished(p)]
+    recs = [record(p, sw.n_count) for p in points if p.group not in ("predict", "lr") and not p.lr_pending
+            and is_finished(p)]
     tmp = sweep_dir / "results.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
     tmp.replace(sweep_dir / "results.jsonl")
@@ -308,21 +466,24 @@ def train_point(p: Point, log: Callable[[str], None]) -> dict:
 
 def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = None, *,
           log: Callable[[str], None] = print, train: Callable[[Point, Callable], dict] = train_point) -> list[dict]:
-    """Train every unfinished ladder and isoFLOP point, in order; returns the results records.
+    """Train every unfinished point, in order: the lr sweep first (its result, SWEEP_DIR/lr.json, sets the
+    tuned rates), then the ladder, isoFLOP and extra-seed points; returns the results records.
 
     A point whose loss becomes non-finite is reported and skipped (its directory keeps the error); the others
-    still run. The prediction point is left to `predict`."""
+    still run (a diverged lr-sweep point counts as an infinite loss). The prediction point is left to
+    `predict`."""
     from gptjax.errors import NonFiniteLoss
     from tqdm.auto import tqdm
 
     sweep_dir = Path(sweep_dir)
     points, notes = plan_points(sw, sweep_dir, overrides)
-    points = [p for p in points if p.group != "predict"]
     for n in notes:
         log(f"note: {n}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(json.dumps(dataclasses.asdict(sw), indent=2) + "\n")
-    todo = [p for p in points if not is_finished(p)]
+    points = [p for p in points if p.group != "predict"]
+    lr_points = [p for p in points if p.group == "lr"]
+    todo = [p for p in points if p.lr_pending or not is_finished(p)]
     log(f"sweep {sw.name}: {len(points)} points, {len(points) - len(todo)} already finished, {len(todo)} to train "
         f"in {sweep_dir}")
     total = sum(p.flops for p in points) / 1e12
@@ -331,18 +492,43 @@ def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = 
                desc=f"sweep {sw.name}", dynamic_ncols=True, position=0)
     failed = []
     try:
-        for i, p in enumerate(todo):
-            bar.set_postfix_str(f"{i + 1}/{len(todo)} {p.name}", refresh=True)
-            try:
-                train(p, lambda s: bar.write(s))
-            except NonFiniteLoss as e:
-                bar.write(f"point {p.name} failed: {e}")
-                (Path(p.cfg.run_dir) / "failed.txt").write_text(str(e) + "\n")
-                failed.append(p.name)
+        i = 0
+        while todo:
+            p = todo.pop(0)
+            i += 1
+            if p.lr_pending:  # the lr sweep is done: plan again with the tuned rates
+                result = tune_lrs(sw, plan_points(sw, sweep_dir, overrides, tuned={})[0])
+                (sweep_dir / "lr.json").write_text(json.dumps(result, indent=2) + "\n")
+                law = result["law"]
+                bar.write(f"lr sweep: tuned lr(N_total) = {law['c']:.3g} N^-{law['p']:.3f}: "
+                          + ", ".join(f"{k} {v:.3g}" for k, v in result["tuned"].items()))
+                fresh = {q.name: q for q in plan_points(sw, sweep_dir, overrides)[0]}
+                todo = [fresh[q.name] for q in [p] + todo]
+                points = [fresh[q.name] for q in points]
+                todo = [q for q in todo if not is_finished(q)]
+                if not todo:
+                    break
+                p = todo.pop(0)
+            bar.set_postfix_str(f"{i}/{i + len(todo)} {p.name}", refresh=True)
+            if not is_finished(p):
+                try:
+                    train(p, lambda s: bar.write(s))
+                except NonFiniteLoss as e:
+                    bar.write(f"point {p.name} failed: {e}")
+                    (Path(p.cfg.run_dir) / "failed.txt").write_text(str(e) + "\n")
+                    if p.group == "lr":  # a rate that diverges is a result of the lr sweep: the worst loss
+                        (Path(p.cfg.run_dir) / "summary.json").write_text(json.dumps({"val_loss": math.inf}))
+                    else:
+                        failed.append(p.name)
+            if p.group != "lr" and p.name not in failed:
+                measure_capability(sw, p)
             bar.update(p.flops / 1e12)
             write_results(sw, points, sweep_dir)
     finally:
         bar.close()
+    if lr_points and not (sweep_dir / "lr.json").exists():
+        result = tune_lrs(sw, plan_points(sw, sweep_dir, overrides, tuned={})[0])
+        (sweep_dir / "lr.json").write_text(json.dumps(result, indent=2) + "\n")
     recs = write_results(sw, points, sweep_dir)
     if failed:
         raise NonFiniteLoss(f"{len(failed)} point(s) diverged: {', '.join(failed)}; lower their lr in the sweep "
