@@ -163,6 +163,25 @@ def test_capability_fit_recovers_a_power_law_on_the_frontier_and_extrapolates():
         scaling.fit_capability(recs[:2])
 
 
+def test_minima_law_recovers_the_compute_optimal_loss_exponent():
+    """With no irreducible loss, L at the isoFLOP minimum is a pure power law in C with exponent
+    alpha beta / (alpha + beta); the parabola minima per budget recover it, and ignore a budget's cheapest point."""
+    law = dict(CHINCHILLA, E=1e-12)
+    recs = isoflop_points(law, [1e17, 1e18, 1e19, 1e20], per_budget=7)
+    for r in recs:  # equal-budget points differ by rounding in FLOPs; the worst one is the cheapest
+        r["flops"] = r["budget"] * (0.99 if r["name"].endswith("-0") else 1.0)
+    fit = scaling.fit_minima_law(recs, "val_loss", bootstrap=20)
+    want = law["alpha"] * law["beta"] / (law["alpha"] + law["beta"])
+    assert fit["alpha"] == pytest.approx(want, rel=0.03) and len(fit["minima"]) == 4
+    lo, hi = fit["ci"]["alpha"]
+    assert lo <= fit["alpha"] <= hi
+    n, d = scaling.compute_optimal(law, 1e21)
+    assert float(scaling.power_law(fit, 1e21)) == pytest.approx(float(scaling.chinchilla_loss(law, n, d)), rel=0.02)
+    assert [m["budget"] for m in scaling.minima_frontier(recs)] == [1e17, 1e18, 1e19, 1e20]
+    envelope = scaling.frontier(recs, key="flops")
+    assert envelope[0]["name"].endswith("-0")  # the envelope starts at a budget's worst (cheapest) point
+
+
 def test_fitted_laws_are_drawn_solid_only_inside_their_range():
     import matplotlib
 

@@ -247,17 +247,22 @@ def test_task_metrics_follow_from_the_scores(run, tmp_path):
     scorer = Scorer(run, batch_size=4, progress=False)
     m = tasks.score_task(t, scorer, tok)
     acc = acc_norm = 0
+    nll = []
     for r in rows:
         lls = [by_hand(run, *tasks.encode_pair(tok, r["context"], c))[0] for c in r["choices"]]
         acc += int(np.argmax(lls)) == r["gold"]
         acc_norm += int(np.argmax([ll / len(c) for ll, c in zip(lls, r["choices"])])) == r["gold"]
+        nll.append(-(lls[r["gold"]] - np.logaddexp.reduce(lls)))  # -log softmax over the choices
     assert m["n"] == 3 and math.isclose(m["acc"], acc / 3) and math.isclose(m["acc_norm"], acc_norm / 3)
+    assert math.isclose(m["nll_correct"], np.mean(nll), rel_tol=1e-5)
+    assert math.isclose(m["nll_correct_stderr"], np.std(nll, ddof=1) / math.sqrt(3), rel_tol=1e-4)
     assert math.isclose(m["chance"], (1 / 3 + 1 / 2 + 1 / 2) / 3)
 
     cl = tasks.Task("cl", "cloze", [{"context": "x = 1\nprint(", "target": "x)"}], target_delimiter="")
     m = tasks.score_task(cl, scorer, tok)
     ll, greedy = by_hand(run, *tasks.encode_pair(tok, "x = 1\nprint(", "x)"))
     assert m["acc"] == float(greedy) and math.isclose(m["ppl"], math.exp(-ll), rel_tol=1e-5)
+    assert math.isclose(m["nll_correct"], -ll, rel_tol=1e-5)  # -log p(target): the chance a sample is exactly it
 
     px = tasks.Task("px", "perplexity", [{"text": "def main():\n    pass\n"}])
     m = tasks.score_task(px, scorer, tok)

@@ -4,7 +4,8 @@
   python scaling.py sweep cpu-ladder                    # train every point (resumable) -> runs/sweeps/cpu-ladder
   python scaling.py predict cpu-ladder                  # fit on <= 1/10 of its compute, predict, then train it
   python scaling.py fit cpu-ladder                      # fits.json with bootstrap intervals
-  python scaling.py plot cpu-ladder --out docs/scaling  # loss_vs_compute.png, loss_vs_n.png, isoflop.png
+  python scaling.py plot cpu-ladder --out docs/scaling  # loss_vs_compute.png, isoflop.png, n_opt.png, capability.png, lr.png
+  python scaling.py report cpu-ladder --out docs/scaling/tables.md   # the tables: lr sweep, minima, fits, prediction
   python scaling.py list                                # the sweep configs
 
 key.sub=value overrides after the sweep name apply to every point (e.g. data.source=jsonl data.paths=c.jsonl).
@@ -31,11 +32,12 @@ def main(argv=None) -> int:
     s = sub.add_parser("sweep", help="train every ladder and isoFLOP point not yet finished")
     common(s)
     s.add_argument("--dry-run", action="store_true", help="print the planned points and train nothing")
-    s.add_argument("--tflops", type=float, default=0.03,
-                   help="effective TFLOP/s for --dry-run's time estimate (2-core CPU: about 0.015-0.04 for the "
-                        "cpu-ladder's small models, more for wider ones)")
-    s.add_argument("--overhead", type=float, default=12.0,
-                   help="seconds per point for --dry-run's estimate: compilation, evaluation, checkpoint")
+    s.add_argument("--tflops", type=float, default=0.02,
+                   help="effective TFLOP/s for --dry-run's time estimate (2-core CPU: about 0.02 for the cpu-ladder's "
+                        "small models, measured; more for wider ones)")
+    s.add_argument("--overhead", type=float, default=13.0,
+                   help="seconds per point for --dry-run's estimate: start-up, compilation, evaluation, checkpoint, "
+                        "capability scoring")
     f = sub.add_parser("fit", help="fit the scaling laws to results.jsonl -> fits.json")
     common(f, overrides=False)
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (0: none)")
@@ -50,6 +52,9 @@ def main(argv=None) -> int:
     pr.add_argument("--no-train", action="store_true", help="only predict (written to SWEEP_DIR/prediction.json)")
     pr.add_argument("--min-ratio", type=float, default=10.0, help="compute of the point / largest fitted point")
     pr.add_argument("--bootstrap", type=int, default=200)
+    rp = sub.add_parser("report", help="markdown tables: lr sweep, isoFLOP minima, fits, seeds, prediction, points")
+    common(rp, overrides=False)
+    rp.add_argument("--out", default=None, help="write the tables here (default: print them)")
     sub.add_parser("list", help="list the sweep configs")
     args, extra = p.parse_known_args(argv)
     # key=value overrides may come after options too (sweep cpu-ladder --dry-run model.n_layer=3)
@@ -98,6 +103,16 @@ def _main(args) -> int:
     elif args.cmd == "plot":
         for path in scaling.plot(sweep_dir, args.out):
             print(path)
+    elif args.cmd == "report":
+        from gptjax.scaling.report import report
+
+        text = report(sweep_dir)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+            print(f"-> {args.out}")
+        else:
+            print(text, end="")
     elif args.cmd == "predict":
         scaling.predict(sw, sweep_dir, args.overrides, train=not args.no_train, min_ratio=args.min_ratio,
                         bootstrap=args.bootstrap)

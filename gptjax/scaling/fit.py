@@ -298,6 +298,55 @@ def approach2_n_opt(fit: dict, C):
     return fit["k_N"] * C ** fit["a"], fit["k_D"] * C ** fit["b"]
 
 
+def minima_frontier(points: list[dict], metric: str = "val_loss", n_key: str = "N") -> list[dict]:
+    """The compute-efficient frontier of an isoFLOP sweep: per budget, the minimum of a parabola in log N through
+    `metric` (the best measured point where the parabola's minimum is not interior; every seed is a point). Kaplan et al.'s C_min
+    frontier, measured rather than enveloped: equal-budget points differ by rounding in FLOPs only, so the plain
+    envelope (`frontier`) would pick a budget's cheapest point, not its best."""
+    out = []
+    for budget in sorted({r["budget"] for r in points if r.get("budget")}):
+        rs = sorted((r for r in points if r.get("budget") == budget and r.get(metric) is not None), key=lambda r: r[n_key])
+        if not rs:
+            continue
+        vals = [r[metric] for r in rs]
+        best = float(min(vals))
+        if len({r[n_key] for r in rs}) >= 3:
+            x = np.log([r[n_key] for r in rs])
+            c2, c1, c0 = np.polyfit(x, vals, 2)
+            if c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max():
+                xm = -c1 / (2 * c2)
+                best = float(c0 + c1 * xm + c2 * xm * xm)
+        out.append({"budget": float(budget), metric: best, "name": f"min@{budget:.2g}"})
+    return out
+
+
+def fit_minima_law(points: list[dict], metric: str = "val_loss", *, bootstrap: int = 0, seed: int = 0) -> dict:
+    """metric_min(C) = (C_c / C)^alpha on the isoFLOP minima: Kaplan et al.'s L(C_min) form, no irreducible
+    term (over a 10-20x range of compute an irreducible term is not identified, and a wrong one bends the
+    extrapolation), fitted in log space; `bootstrap` resamples the points within each budget."""
+    mins = minima_frontier(points, metric)
+    if len(mins) < 3:
+        raise SweepError(f"the minima law needs 3 or more isoFLOP budgets, got {len(mins)}")
+    p = fit_power_law([m["budget"] for m in mins], [m[metric] for m in mins], offset=False)
+    p.update(metric=metric, minima=mins, C_range=[mins[0]["budget"], mins[-1]["budget"]])
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        groups: dict = {}
+        for r in points:
+            if r.get("budget") and r.get(metric) is not None:
+                groups.setdefault(r["budget"], []).append(r)
+        samples = []
+        for _ in range(bootstrap):
+            res = [g[i] for g in groups.values() for i in rng.integers(0, len(g), len(g))]
+            ms = minima_frontier(res, metric)
+            q = fit_power_law([m["budget"] for m in ms], [m[metric] for m in ms], offset=False, n_starts=2)
+            samples.append(q)
+        p["ci"] = {k: _ci(np.array([q[k] for q in samples])) for k in ("alpha", "x_c")}
+        p["samples"] = [{"a": q["a"], "alpha": q["alpha"], "E": 0.0} for q in samples]
+        p["bootstrap"] = len(samples)
+    return p
+
+
 def fit_capability(points: list[dict], *, key: str = "flops", metric: str = "capability", bootstrap: int = 0,
                    seed: int = 0) -> dict:
     """GPT-4 (section 3.2): -E[log p(correct)] = alpha_c * C^-k, a power law without offset fitted (in log space,
@@ -350,6 +399,12 @@ def fit_all(recs: list[dict], *, bootstrap: int = 200, seed: int = 0, n_count: s
             out["capability"] = fit_capability(recs, bootstrap=bootstrap, seed=seed)
         except SweepError:
             pass
+    if len(out["isoflop_minima"]) >= 3:
+        for metric, key in (("val_loss", "L_Cmin"), ("capability", "capability_Cmin")):
+            if metric == "val_loss" or all(r.get("capability") is not None for r in recs if r.get("budget")):
+                law = fit_minima_law(recs, metric, bootstrap=bootstrap, seed=seed)
+                law.pop("samples", None)
+                out[key] = law
     return out
 
 
@@ -391,6 +446,11 @@ def summarize_fits(f: dict) -> str:
         lines.append(f"approach 2 ({a2['budgets_used']} interior budgets): N_opt ~ C^{ci(a2, 'a')}, "
                      f"D_opt ~ C^{ci(a2, 'b')}; rms of log N_opt about the line {a2['log_N_opt_rms']:.3f}   "
                      f"(Chinchilla: 0.49 / 0.51; Kaplan: 0.73 / 0.27)")
+    for key, what in (("L_Cmin", "loss"), ("capability_Cmin", "-E[log p(correct)]")):
+        if key in f:
+            p = f[key]
+            lines.append(f"{what} at the isoFLOP minima = (C_c/C)^alpha: alpha = {ci(p, 'alpha')}, C_c = "
+                         f"{p['x_c']:.3g} ({len(p['minima'])} budgets; C = the budget)")
     if "capability" in f:
         p = f["capability"]
         lines.append(f"capability: -E[log p(correct)] = {p['alpha_c']:.4g} C^-{ci(p, 'alpha')} on the "

@@ -109,8 +109,8 @@ def plot(sweep_dir: str | Path, out_dir: str | Path | None = None, fits: dict | 
         if "actual_loss" in pred:
             ax.scatter(pred["C"], pred["actual_loss"], marker="x", color="tab:red", s=80, label="measured", zorder=5)
     ax.axvspan(lo, hi, color="0.93", zorder=0, label="measured compute range")
-    written.append(_finish(fig, ax, "C = 6 N D (FLOPs)", "loss vs compute (circles: ladder, squares: isoFLOP; "
-                           "colour: N); solid inside the measured range, dashed beyond", out_dir / "loss_vs_compute.png"))
+    written.append(_finish(fig, ax, "C = 6 N D (FLOPs)", "loss vs compute (squares: isoFLOP points, colour: N)",
+                           out_dir / "loss_vs_compute.png"))
 
     # loss vs N on a fixed-token ladder
     ladder = [r for r in recs if r["group"] == "ladder"]
@@ -144,8 +144,8 @@ def plot(sweep_dir: str | Path, out_dir: str | Path | None = None, fits: dict | 
                     ax.plot(np.exp(x), c0 + c1 * x + c2 * x * x, "-", color=bc[b], lw=1)
                     ax.plot(m["N_opt"], m["loss"], "v", color=bc[b], ms=9,
                             mfc=bc[b] if m.get("strict") else "none")
-            _finish(fig, ax, label, "isoFLOP curves: parabola in log N per budget, triangle at its minimum "
-                    "(filled: two or more sizes on each side)", None, log_y=False)
+            _finish(fig, ax, label, "isoFLOP curves; triangle: parabola minimum (filled: 2+ sizes each side)", None,
+                    log_y=False)
         fig.tight_layout()
         fig.savefig(out_dir / "isoflop.png", dpi=120)
         plt.close(fig)

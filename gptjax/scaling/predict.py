@@ -10,8 +10,8 @@ from typing import Callable
 import numpy as np
 
 from gptjax.errors import SweepError
-from gptjax.scaling.fit import (_ci, chinchilla_loss, fit_capability, fit_chinchilla, fit_power_law, frontier,
-                                power_law)
+from gptjax.scaling.fit import (_ci, chinchilla_loss, fit_capability, fit_chinchilla, fit_minima_law, fit_power_law,
+                                frontier, power_law)
 from gptjax.scaling.sweep import (Point, SweepConfig, is_finished, load_results, measure_capability, plan_points, record,
                                   train_point)
 
@@ -69,6 +69,17 @@ def predict(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None 
             lc = fit_power_law([r["C"] for r in front], [r["val_loss"] for r in front], offset=True)
             pred["fit_L_C"] = lc
             pred["predicted_loss_L_C"] = float(power_law(lc, 6.0 * N * D))
+        if len({r["budget"] for r in recs if r.get("budget")}) >= 3:  # Kaplan's L(C_min) on the isoFLOP minima
+            for metric, key in (("val_loss", "loss_Cmin"), ("capability", "capability_Cmin")):
+                if metric == "capability" and not (sw.capability.task and all(
+                        r.get("capability") is not None for r in recs if r.get("budget"))):
+                    continue
+                law = fit_minima_law(recs, metric, bootstrap=bootstrap, seed=seed)
+                samples = law.pop("samples", [])
+                pred[f"fit_{key}"] = law
+                pred[f"predicted_{key}"] = float(power_law(law, p.flops))
+                if samples:
+                    pred[f"predicted_{key}_ci"] = _ci(np.array([float(power_law(q, p.flops)) for q in samples]))
         if sw.capability.task and sum(r.get("capability") is not None for r in recs) >= 3:
             cap = fit_capability(recs, bootstrap=bootstrap, seed=seed)
             pred["fit_capability"] = cap
@@ -104,8 +115,12 @@ def predict(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None 
     if "predicted_loss_ci" in pred:
         lo, hi = pred["predicted_loss_ci"]
         pred["actual_within_ci"] = bool(lo <= actual["val_loss"] <= hi)
+    if "predicted_loss_Cmin" in pred:
+        pred["error_loss_Cmin"] = pred["predicted_loss_Cmin"] - actual["val_loss"]
     if "predicted_capability" in pred:
         cap = measure_capability(sw, p)
+        if "predicted_capability_Cmin" in pred:
+            pred["error_capability_Cmin"] = pred["predicted_capability_Cmin"] - cap["nll_correct"]
         pred["actual_capability"] = cap["nll_correct"]
         pred["actual_capability_se"] = cap["nll_correct_stderr"]
         pred["capability_error"] = pred["predicted_capability"] - cap["nll_correct"]
