@@ -372,6 +372,38 @@ def test_lr_sweep_tunes_every_size_before_the_points_that_use_it(tmp_path, tiny_
     again: list = []
     scaling.sweep(sw, tmp_path / "out", train=lambda p, log: again.append(p.name), log=lambda _: None)
     assert again == []
+    # the report's tables: the lr sweep's rows (one per swept size, every rate), the seed-noise row, every point
+    from gptjax.scaling.report import report
+
+    text = report(tmp_path / "out")
+    lr_rows = [ln for ln in text.splitlines() if ln.startswith(("| s |", "| m |", "| l |"))]
+    assert len(lr_rows) == 3 and all(ln.count("|") == 2 + 5 + 3 for ln in lr_rows)
+    assert "| iso3e10-m | 2 |" in text and all(f"| {r['name']} |" in text for r in recs)
+
+    # a changed lr sweep makes lr.json stale: its sizes wait for a new tuning, and predict refuses to train
+    d = json.loads(path.read_text())
+    d["lr_sweep"]["lrs"] = [0.003, 0.006, 0.012]
+    path.write_text(json.dumps(d))
+    changed = scaling.load_sweep(str(path))
+    replanned, _ = scaling.plan_points(changed, tmp_path / "out")
+    assert all(p.lr_pending for p in replanned if p.group != "lr" and p.size != "fixed")
+    with pytest.raises(SweepError, match="lr sweep, which has not finished.*scaling.py sweep"):
+        scaling.predict(changed, tmp_path / "out", train=False, log=lambda _: None)
+    # extra seeds: not on lr points, not on left-out points, and never a seed the sweep already trains
+    for extra, match in ((["lr0.003-s"], "lr-sweep point lr0.003-s"), (["iso3e10-big"], "unknown point")):
+        d["extra_seeds"]["points"] = extra
+        path.write_text(json.dumps(d))
+        with pytest.raises(SweepError, match=match):
+            scaling.plan_points(scaling.load_sweep(str(path)), tmp_path / "x")
+    d["extra_seeds"] = {"seeds": [0], "points": ["iso3e10-m"]}
+    path.write_text(json.dumps(d))
+    names = [p.name for p in scaling.plan_points(scaling.load_sweep(str(path)), tmp_path / "x")[0]]
+    assert len(names) == len(set(names)) and "iso3e10-m-s0" not in names
+    d["min_steps"] = 10 ** 6  # every point left out
+    d["extra_seeds"] = {"seeds": [1], "points": ["iso3e10-m"]}
+    path.write_text(json.dumps(d))
+    with pytest.raises(SweepError, match="leaves out \\(min_steps=1000000\\)"):
+        scaling.plan_points(scaling.load_sweep(str(path)), tmp_path / "x")
 
 
 # ----------------------------------------------------------------------------------------------

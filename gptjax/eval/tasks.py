@@ -402,7 +402,8 @@ def score_task(task: Task, scorer, tokenizer, *, shots: int = 0, limit: int = 0,
         acc = [float(g) for _, g in scores]
         lls = [ll for ll, _ in scores]
         # -log p(correct): the target's negative log-likelihood, i.e. minus the log of the chance that a sample
-        # from the model completes the context with exactly the target (GPT-4 report, 3.2: -E[log pass rate])
+        # from the model starts with exactly the target's tokens (GPT-4 report, 3.2: -E[log pass rate]; a sample
+        # could also spell the target with other tokens, or run on past it)
         out.update(acc=sum(acc) / len(acc), acc_stderr=_stderr(acc),
                    ppl=math.exp(min(-sum(lls) / len(lls), 700.0)),
                    nll_correct=-sum(lls) / len(lls), nll_correct_stderr=_stderr([-x for x in lls]))

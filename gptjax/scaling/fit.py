@@ -299,8 +299,8 @@ def approach2_n_opt(fit: dict, C):
 
 
 def minima_frontier(points: list[dict], metric: str = "val_loss", n_key: str = "N") -> list[dict]:
-    """The compute-efficient frontier of an isoFLOP sweep: per budget, the minimum of a parabola in log N through
-    `metric` (the best measured point where the parabola's minimum is not interior; every seed is a point). Kaplan et al.'s C_min
+    """The compute-efficient frontier of an isoFLOP sweep: per budget with 3+ sizes whose parabola in log N through
+    `metric` has its minimum inside them, that minimum (every seed is a point; other budgets are left out). Kaplan et al.'s C_min
     frontier, measured rather than enveloped: equal-budget points differ by rounding in FLOPs only, so the plain
     envelope (`frontier`) would pick a budget's cheapest point, not its best."""
     out = []
@@ -308,15 +308,14 @@ def minima_frontier(points: list[dict], metric: str = "val_loss", n_key: str = "
         rs = sorted((r for r in points if r.get("budget") == budget and r.get(metric) is not None), key=lambda r: r[n_key])
         if not rs:
             continue
-        vals = [r[metric] for r in rs]
-        best = float(min(vals))
-        if len({r[n_key] for r in rs}) >= 3:
-            x = np.log([r[n_key] for r in rs])
-            c2, c1, c0 = np.polyfit(x, vals, 2)
-            if c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max():
-                xm = -c1 / (2 * c2)
-                best = float(c0 + c1 * xm + c2 * xm * xm)
-        out.append({"budget": float(budget), metric: best, "name": f"min@{budget:.2g}"})
+        if len({r[n_key] for r in rs}) < 3:
+            continue
+        x = np.log([r[n_key] for r in rs])
+        c2, c1, c0 = np.polyfit(x, [r[metric] for r in rs], 2)
+        if not (c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max()):
+            continue  # no minimum inside the sizes tried: the budget's best point would only bound it
+        xm = -c1 / (2 * c2)
+        out.append({"budget": float(budget), metric: float(c0 + c1 * xm + c2 * xm * xm), "name": f"min@{budget:.2g}"})
     return out
 
 
@@ -326,7 +325,8 @@ def fit_minima_law(points: list[dict], metric: str = "val_loss", *, bootstrap: i
     extrapolation), fitted in log space; `bootstrap` resamples the points within each budget."""
     mins = minima_frontier(points, metric)
     if len(mins) < 3:
-        raise SweepError(f"the minima law needs 3 or more isoFLOP budgets, got {len(mins)}")
+        raise SweepError(f"the minima law needs 3 or more isoFLOP budgets with an interior minimum, got "
+                         f"{len(mins)}: widen the budgets' size windows")
     p = fit_power_law([m["budget"] for m in mins], [m[metric] for m in mins], offset=False)
     p.update(metric=metric, minima=mins, C_range=[mins[0]["budget"], mins[-1]["budget"]])
     if bootstrap:
@@ -339,6 +339,8 @@ def fit_minima_law(points: list[dict], metric: str = "val_loss", *, bootstrap: i
         for _ in range(bootstrap):
             res = [g[i] for g in groups.values() for i in rng.integers(0, len(g), len(g))]
             ms = minima_frontier(res, metric)
+            if len(ms) < 3:
+                continue
             q = fit_power_law([m["budget"] for m in ms], [m[metric] for m in ms], offset=False, n_starts=2)
             samples.append(q)
         p["ci"] = {k: _ci(np.array([q[k] for q in samples])) for k in ("alpha", "x_c")}

@@ -32,6 +32,10 @@ def predict(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None 
         raise SweepError(f"sweep '{sw.name}' declares no prediction point: add \"predict\": {{\"size\": ..., "
                          f"\"tokens\": ...}} to its config")
     (p,) = target[:1]
+    if p.lr_pending:
+        raise SweepError(f"the prediction point's learning rate comes from the lr sweep, which has not finished "
+                         f"({sweep_dir / 'lr.json'} is missing or from another lr sweep): run "
+                         f"`python scaling.py sweep {sw.name}` first")
     path = sweep_dir / "prediction.json"
     pred = json.loads(path.read_text()) if path.exists() else None
     if pred is not None and pred.get("point") != p.name:
@@ -69,24 +73,34 @@ def predict(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None 
             lc = fit_power_law([r["C"] for r in front], [r["val_loss"] for r in front], offset=True)
             pred["fit_L_C"] = lc
             pred["predicted_loss_L_C"] = float(power_law(lc, 6.0 * N * D))
-        if len({r["budget"] for r in recs if r.get("budget")}) >= 3:  # Kaplan's L(C_min) on the isoFLOP minima
-            for metric, key in (("val_loss", "loss_Cmin"), ("capability", "capability_Cmin")):
-                if metric == "capability" and not (sw.capability.task and all(
-                        r.get("capability") is not None for r in recs if r.get("budget"))):
-                    continue
+        # Kaplan's L(C_min) on the isoFLOP minima, in the budgets' own measure of compute
+        c_budget = p.flops if sw.isoflop.measure == "flops" else 6.0 * N * D
+        for metric, key in (("val_loss", "loss_Cmin"), ("capability", "capability_Cmin")):
+            if metric == "capability" and not (sw.capability.task and all(
+                    r.get("capability") is not None for r in recs if r.get("budget"))):
+                continue
+            try:
                 law = fit_minima_law(recs, metric, bootstrap=bootstrap, seed=seed)
-                samples = law.pop("samples", [])
-                pred[f"fit_{key}"] = law
-                pred[f"predicted_{key}"] = float(power_law(law, p.flops))
-                if samples:
-                    pred[f"predicted_{key}_ci"] = _ci(np.array([float(power_law(q, p.flops)) for q in samples]))
+            except SweepError as e:
+                log(f"note: no {key} prediction: {e}")
+                continue
+            samples = law.pop("samples", [])
+            pred[f"fit_{key}"] = law
+            pred[f"predicted_{key}"] = float(power_law(law, c_budget))
+            if samples:
+                pred[f"predicted_{key}_ci"] = _ci(np.array([float(power_law(q, c_budget)) for q in samples]))
         if sw.capability.task and sum(r.get("capability") is not None for r in recs) >= 3:
-            cap = fit_capability(recs, bootstrap=bootstrap, seed=seed)
-            pred["fit_capability"] = cap
-            pred["capability_task"] = sw.capability.task
-            pred["predicted_capability"] = float(power_law(cap, p.flops))
-            if "ci" in cap:  # the interval of the power law's value at the point, over the bootstrap refits
-                pred["predicted_capability_ci"] = _capability_ci(recs, p.flops, bootstrap, seed)
+            try:
+                cap = fit_capability(recs, bootstrap=bootstrap, seed=seed)
+            except SweepError as e:  # e.g. a metric too flat for a frontier: the loss prediction still stands
+                log(f"note: no capability prediction: {e}")
+                cap = None
+            if cap is not None:
+                pred["fit_capability"] = cap
+                pred["capability_task"] = sw.capability.task
+                pred["predicted_capability"] = float(power_law(cap, p.flops))
+                if "ci" in cap:  # the interval of the power law's value at the point, over the bootstrap refits
+                    pred["predicted_capability_ci"] = _capability_ci(recs, p.flops, bootstrap, seed)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(pred, indent=2) + "\n")
         log(f"predicted before training {p.name} (N = {N:,}, D = {D:,}, {ratio:.1f}x the FLOPs of the largest of "

@@ -72,8 +72,9 @@ class CapabilitySpec:
     """A task metric measured on every finished point: the mean negative log-probability of the correct choice
     (-E[log p(correct)], softmax over the choices' likelihoods) on a built-in multiple-choice task, the
     quantity GPT-4's report (section 3.2) fitted as a power law in compute. On code-cloze p(correct) is the
-    model's probability of the exact target identifier (the chance a sample completes it correctly, the analogue
-    of a pass rate); on code-nextline it is the softmax over the four choices' log-likelihoods."""
+    model's probability of the target identifier's tokens (the chance that a sample starts with exactly those
+    tokens, the analogue of a pass rate); on code-nextline it is the softmax over the four choices'
+    log-likelihoods."""
     task: str = ""  # "" means none; "code-cloze" or "code-nextline"
     items: int = 400
 
@@ -243,7 +244,10 @@ def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | N
     counts_cache: dict[str, tuple[TrainConfig, dict, float]] = {}
     if tuned is None and sw.lr_sweep.lrs:
         path = sweep_dir / "lr.json"
-        tuned = json.loads(path.read_text())["tuned"] if path.exists() else None
+        if path.exists():
+            saved = json.loads(path.read_text())
+            # tuned by another lr sweep (its rates, budget or sizes changed): tune again
+            tuned = saved["tuned"] if saved.get("spec") == _lr_spec(sw) else None
 
     def sized(name: str):
         if name not in counts_cache:
@@ -256,6 +260,7 @@ def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | N
 
     points: list[Point] = []
     notes: list[str] = []
+    left_out: dict[str, str] = {}
 
     def add(group: str, name: str, size: str, tokens: float, budget: float | None, *, lr: float = 0.0,
             seeds=None):
@@ -264,14 +269,19 @@ def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | N
         if steps < sw.min_steps:
             notes.append(f"left out {name}: {_fmt_tokens(tokens)} tokens is {steps} steps of {tps} tokens "
                          f"(min_steps={sw.min_steps})")
+            left_out[name] = f"min_steps={sw.min_steps}"
             return
         s = sizes[size]
         pending = False
         if not lr:
             lr = s.lr
         if not lr and sw.lr_sweep.lrs:
-            lr = (tuned or {}).get(size, 0.0)
             pending = tuned is None
+            if tuned and size not in tuned:  # ({} plans the lr points alone, without tuned rates)
+                raise SweepError(f"sweep '{sw.name}': {sweep_dir / 'lr.json'} has no tuned rate for size '{size}' "
+                                 f"(added since the lr sweep ran?): delete lr.json to tune again, or give the "
+                                 f"size an explicit lr")
+            lr = 0.0 if pending else tuned.get(size, 0.0)
         for seed in seeds or sw.seeds:
             pname = name + (f"-s{seed}" if seeds or len(sw.seeds) > 1 else "")
             ov = [f"steps={steps}", f"seed={seed}", f"run_dir={sweep_dir / pname}",
@@ -298,6 +308,7 @@ def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | N
             per_token = sized(n)[2] if iso.measure == "flops" else 6 * sized(n)[1][sw.n_count]
             tokens = budget / per_token
             if iso.max_tokens and tokens > iso.max_tokens:
+                left_out[f"{_budget_name(budget)}-{n}"] = f"isoflop.max_tokens={iso.max_tokens}"
                 notes.append(f"left out {_budget_name(budget)}-{n}: {_fmt_tokens(tokens)} tokens is more than "
                              f"isoflop.max_tokens={iso.max_tokens}")
                 continue
@@ -306,12 +317,19 @@ def plan_points(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | N
     if extra.seeds:
         by_name = {p.name: p for p in points}
         for name in extra.points:
+            if name in left_out:
+                raise SweepError(f"sweep '{sw.name}': extra_seeds names {name}, which the sweep leaves out "
+                                 f"({left_out[name]}): name a point the sweep trains (see --dry-run)")
             if name not in by_name:
                 raise SweepError(f"sweep '{sw.name}': extra_seeds names an unknown point '{name}'"
                                  f"{_near(name, by_name)}")
             q = by_name[name]
-            add(q.group, name, q.size, q.tokens, q.budget, seeds=[s for s in extra.seeds if s != q.seed],
-                lr=q.cfg.optim.lr if q.group == "lr" else 0.0)
+            if q.group == "lr":
+                raise SweepError(f"sweep '{sw.name}': extra_seeds names the lr-sweep point {name}; the lr sweep "
+                                 f"takes one seed per rate: name isoFLOP or ladder points")
+            more = [s for s in extra.seeds if s not in sw.seeds]  # seeds the sweep already trains are not extra
+            if more:
+                add(q.group, name, q.size, q.tokens, q.budget, seeds=more)
     p = sw.predict
     if p.size:
         tokens = p.tokens or p.tokens_per_param * sized(p.size)[1][sw.n_count]
@@ -337,6 +355,9 @@ def tune_lrs(sw: SweepConfig, points: list[Point]) -> dict:
         loss = s["val_loss"] if math.isfinite(s.get("val_loss", math.nan)) else math.inf
         by_size.setdefault(p.size, []).append((p.cfg.optim.lr, loss))
         n_total[p.size] = p.n_total
+    if not by_size:
+        raise SweepError(f"sweep '{sw.name}': the lr sweep plans no points (every one is left out: raise "
+                         f"lr_sweep.budget or lower min_steps)")
     best = {}
     for size, rows in by_size.items():
         rows.sort()
@@ -356,8 +377,19 @@ def tune_lrs(sw: SweepConfig, points: list[Point]) -> dict:
         slope, icpt = 0.0, math.log(best[sizes[0]]["lr"])
     all_sizes = {p.size: p.n_total for p in points}
     tuned = {k: float(math.exp(icpt + slope * math.log(n))) for k, n in all_sizes.items()}
-    return {"budget": sw.lr_sweep.budget, "lrs": list(sw.lr_sweep.lrs), "per_size": best,
+    return {"spec": _lr_spec(sw), "budget": sw.lr_sweep.budget, "lrs": list(sw.lr_sweep.lrs), "per_size": best,
+            "edge_sizes": [k for k in sizes if best[k]["edge"]],
             "law": {"c": float(math.exp(icpt)), "p": float(-slope)}, "tuned": tuned}
+
+
+def _lr_spec(sw: SweepConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(sw.lr_sweep)))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def describe(points: list[Point], n_count: str = "non_embedding", tflops: float = 0.0, overhead_s: float = 0.0) -> str:
@@ -434,14 +466,18 @@ def measure_capability(sw: SweepConfig, p: Point) -> dict | None:
         return None
     path = Path(p.cfg.run_dir) / "capability.json"
     if path.exists():
-        return json.loads(path.read_text())
+        old = json.loads(path.read_text())
+        if old.get("task") == cap.task and old.get("items_requested", cap.items) == cap.items:
+            return old
+    if not is_finished(p):
+        return None
     from gptjax.eval import tasks as tasks_lib
     from gptjax.eval.scoring import Scorer, load_run
 
     run = load_run(p.cfg.run_dir)
     task = tasks_lib.resolve(cap.task, run.cfg.data, n=cap.items, seed=0)
     m = tasks_lib.score_task(task, Scorer(run, progress=False), run.tokenizer)
-    out = {"task": cap.task, "items": m["n"], "shots": 0, **{k: m[k] for k in (
+    out = {"task": cap.task, "items": m["n"], "items_requested": cap.items, "shots": 0, **{k: m[k] for k in (
         "nll_correct", "nll_correct_stderr", "acc", "acc_stderr")}}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
@@ -498,10 +534,13 @@ def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = 
             i += 1
             if p.lr_pending:  # the lr sweep is done: plan again with the tuned rates
                 result = tune_lrs(sw, plan_points(sw, sweep_dir, overrides, tuned={})[0])
-                (sweep_dir / "lr.json").write_text(json.dumps(result, indent=2) + "\n")
+                _write_json(sweep_dir / "lr.json", result)
                 law = result["law"]
                 bar.write(f"lr sweep: tuned lr(N_total) = {law['c']:.3g} N^-{law['p']:.3f}: "
                           + ", ".join(f"{k} {v:.3g}" for k, v in result["tuned"].items()))
+                if result["edge_sizes"]:
+                    bar.write(f"note: the best rate of {', '.join(result['edge_sizes'])} is at an edge of "
+                              f"lr_sweep.lrs (a bound, not an optimum); widen the grid to pin it down")
                 fresh = {q.name: q for q in plan_points(sw, sweep_dir, overrides)[0]}
                 todo = [fresh[q.name] for q in [p] + todo]
                 points = [fresh[q.name] for q in points]
@@ -527,12 +566,16 @@ def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = 
     finally:
         bar.close()
     if lr_points and not (sweep_dir / "lr.json").exists():
-        result = tune_lrs(sw, plan_points(sw, sweep_dir, overrides, tuned={})[0])
-        (sweep_dir / "lr.json").write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(sweep_dir / "lr.json", tune_lrs(sw, plan_points(sw, sweep_dir, overrides, tuned={})[0]))
+    # points finished before (an interrupted sweep, or capability added to the sweep since) get scored too
+    for q in points:
+        if q.group != "lr" and q.name not in failed and is_finished(q):
+            measure_capability(sw, q)
     recs = write_results(sw, points, sweep_dir)
     if failed:
-        raise NonFiniteLoss(f"{len(failed)} point(s) diverged: {', '.join(failed)}; lower their lr in the sweep "
-                            f"config, delete their directories and rerun (finished points are kept)")
+        raise NonFiniteLoss(f"{len(failed)} point(s) diverged: {', '.join(failed)}; give their sizes a lower "
+                            f"explicit lr (sizes[].lr in the sweep config: every point of that size trains again), "
+                            f"delete their directories and rerun (finished points are kept)")
     log(f"sweep {sw.name}: {len(recs)} points in {sweep_dir / 'results.jsonl'}")
     return recs
 
