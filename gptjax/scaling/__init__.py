@@ -7,9 +7,14 @@ base preset and overrides shared by every point (data, vocabulary, context, batc
 on data and vocabulary, so it is built once), a table of model sizes, and which points to train:
 
 - `ladder`: every listed size at a fixed token count, or a fixed number of tokens per parameter;
-- `isoflop`: for each compute budget C, every listed size at D = C / (6 N) tokens;
-- `predict`: one larger configuration, trained only by `predict`, after its loss has been predicted from
-  the points with at most a tenth of its compute (GPT-4 report, section 3).
+- `isoflop`: for each compute budget C (C = 6 N D, or exact training FLOPs with `measure: "flops"`), every
+  listed size (or the budget's own window, `sizes_by_budget`) at the tokens that spend it;
+- `lr_sweep`: rates tried on a few sizes at one budget, trained first; the power law through their best rates
+  sets every other size's rate (SWEEP_DIR/lr.json);
+- `extra_seeds`: named points trained again with more seeds (the noise floor);
+- `capability`: -E[log p(correct)] on a built-in task, scored on every finished point;
+- `predict`: one larger configuration, trained only by `predict`, after its loss and capability have been
+  predicted from the points with at most a tenth of its compute (GPT-4 report, section 3).
 
 Conventions. N is the non-embedding parameter count unless `n_count` says "total"; D counts training tokens;
 C = 6 N D (Kaplan et al. 2020). The exact training FLOPs (attention and the output layer included,
