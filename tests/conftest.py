@@ -189,25 +189,34 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 
     pytest.fail("no checkpoint appeared in time")
 
 
+def _stop(*procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _kill_after_first_checkpoint(proc_b, run_b: Path) -> int:
+    """SIGKILL run B just after its first checkpoint; returns the steps it had finished."""
+    import signal
+
+    wait_for_checkpoint(proc_b, run_b)
+    proc_b.send_signal(signal.SIGKILL)
+    proc_b.wait(30)
+    return finished_steps(run_b)
+
+
 def run_and_kill(script: str, args_a: list, args_b: list, run_b: Path, log_b: Path, timeout: float = 300):
     """Start run A and run B of `script` together (they share the compile cache); SIGKILL B just after its first
     checkpoint, then let A finish. Returns (A's process, its output, B's process, B's steps at the kill)."""
-    import signal
-
     with open(log_b, "w") as log:
         proc_a = start_script(script, *args_a, stdout=subprocess.PIPE)
         proc_b = start_script(script, *args_b, stdout=log)
         try:
-            wait_for_checkpoint(proc_b, run_b)
-            proc_b.send_signal(signal.SIGKILL)
-            proc_b.wait(30)
-            steps_at_kill = finished_steps(run_b)
+            steps_at_kill = _kill_after_first_checkpoint(proc_b, run_b)
             out_a, _ = proc_a.communicate(timeout=timeout)
         finally:
-            for p in (proc_a, proc_b):
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            _stop(proc_a, proc_b)
     return proc_a, out_a, proc_b, steps_at_kill
 
 
@@ -215,26 +224,17 @@ def run_then_kill(script: str, args_a: list, args_b: list, run_b: Path, log_b: P
     """`run_and_kill` one run after the other: run A to its end, then start run B and SIGKILL it just after its
     first checkpoint. B then finds A's compiled programs in the session's compilation cache (started together,
     both compile them: twice the CPU time on a small machine). Returns what `run_and_kill` returns."""
-    import signal
-
     proc_a = start_script(script, *args_a, stdout=subprocess.PIPE)
     try:
         out_a, _ = proc_a.communicate(timeout=timeout)
     finally:
-        if proc_a.poll() is None:
-            proc_a.kill()
-            proc_a.wait()
+        _stop(proc_a)
     with open(log_b, "w") as log:
         proc_b = start_script(script, *args_b, stdout=log)
         try:
-            wait_for_checkpoint(proc_b, run_b)
-            proc_b.send_signal(signal.SIGKILL)
-            proc_b.wait(30)
-            steps_at_kill = finished_steps(run_b)
+            steps_at_kill = _kill_after_first_checkpoint(proc_b, run_b)
         finally:
-            if proc_b.poll() is None:
-                proc_b.kill()
-                proc_b.wait()
+            _stop(proc_b)
     return proc_a, out_a, proc_b, steps_at_kill
 
 

@@ -343,7 +343,6 @@ def tune_lrs(sw: SweepConfig, points: list[Point]) -> dict:
     """The lr sweep's result from its finished points: each size's best rate (a parabola in log lr through the
     best grid point and its neighbours, when the best is not at the grid's edge) and the power law
     lr(N_total) = c N^-p through them, which gives every size its tuned rate."""
-    import math
 
     import numpy as np
 
@@ -526,47 +525,44 @@ def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = 
     bar = tqdm(total=total, initial=total - sum(p.flops for p in todo) / 1e12, unit="TFLOP", unit_scale=False,
                bar_format="{l_bar}{bar}| {n:.3g}/{total:.3g} TFLOP [{elapsed}<{remaining}{postfix}]",
                desc=f"sweep {sw.name}", dynamic_ncols=True, position=0)
-    failed = []
+    failed: list[str] = []
+
+    def run(p: Point, i: int, n: int) -> None:
+        bar.set_postfix_str(f"{i}/{n} {p.name}", refresh=True)
+        try:
+            train(p, lambda s: bar.write(s))
+        except NonFiniteLoss as e:
+            bar.write(f"point {p.name} failed: {e}")
+            (Path(p.cfg.run_dir) / "failed.txt").write_text(str(e) + "\n")
+            if p.group == "lr":  # a rate that diverges is a result of the lr sweep: the worst loss
+                (Path(p.cfg.run_dir) / "summary.json").write_text(json.dumps({"val_loss": math.inf}))
+            else:
+                failed.append(p.name)
+        if p.group != "lr" and p.name not in failed:
+            measure_capability(sw, p)
+        bar.update(p.flops / 1e12)
+        write_results(sw, points, sweep_dir)
+
+    n = len(todo)
     try:
-        i = 0
-        while todo:
-            p = todo.pop(0)
-            i += 1
-            if p.lr_pending:  # the lr sweep is done: plan again with the tuned rates
-                result = tune_lrs(sw, plan_points(sw, sweep_dir, overrides, tuned={})[0])
-                _write_json(sweep_dir / "lr.json", result)
-                law = result["law"]
-                bar.write(f"lr sweep: tuned lr(N_total) = {law['c']:.3g} N^-{law['p']:.3f}: "
-                          + ", ".join(f"{k} {v:.3g}" for k, v in result["tuned"].items()))
-                if result["edge_sizes"]:
-                    bar.write(f"note: the best rate of {', '.join(result['edge_sizes'])} is at an edge of "
-                              f"lr_sweep.lrs (a bound, not an optimum); widen the grid to pin it down")
-                fresh = {q.name: q for q in plan_points(sw, sweep_dir, overrides)[0]}
-                todo = [fresh[q.name] for q in [p] + todo]
-                points = [fresh[q.name] for q in points]
-                todo = [q for q in todo if not is_finished(q)]
-                if not todo:
-                    break
-                p = todo.pop(0)
-            bar.set_postfix_str(f"{i}/{i + len(todo)} {p.name}", refresh=True)
-            if not is_finished(p):
-                try:
-                    train(p, lambda s: bar.write(s))
-                except NonFiniteLoss as e:
-                    bar.write(f"point {p.name} failed: {e}")
-                    (Path(p.cfg.run_dir) / "failed.txt").write_text(str(e) + "\n")
-                    if p.group == "lr":  # a rate that diverges is a result of the lr sweep: the worst loss
-                        (Path(p.cfg.run_dir) / "summary.json").write_text(json.dumps({"val_loss": math.inf}))
-                    else:
-                        failed.append(p.name)
-            if p.group != "lr" and p.name not in failed:
-                measure_capability(sw, p)
-            bar.update(p.flops / 1e12)
-            write_results(sw, points, sweep_dir)
+        first = [p for p in todo if p.group == "lr"]  # the lr sweep first: the other points' rates wait for it
+        for i, p in enumerate(first):
+            run(p, i + 1, n)
+        if lr_points and (any(p.lr_pending for p in todo) or not (sweep_dir / "lr.json").exists()):
+            result = tune_lrs(sw, plan_points(sw, sweep_dir, overrides, tuned={})[0])
+            _write_json(sweep_dir / "lr.json", result)
+            law = result["law"]
+            bar.write(f"lr sweep: tuned lr(N_total) = {law['c']:.3g} N^-{law['p']:.3f}: "
+                      + ", ".join(f"{k} {v:.3g}" for k, v in result["tuned"].items()))
+            if result["edge_sizes"]:
+                bar.write(f"note: the best rate of {', '.join(result['edge_sizes'])} is at an edge of "
+                          f"lr_sweep.lrs (a bound, not an optimum); widen the grid to pin it down")
+            points = [p for p in plan_points(sw, sweep_dir, overrides)[0] if p.group != "predict"]
+        rest = [p for p in points if p.group != "lr" and not is_finished(p)]
+        for i, p in enumerate(rest):
+            run(p, len(first) + i + 1, n)
     finally:
         bar.close()
-    if lr_points and not (sweep_dir / "lr.json").exists():
-        _write_json(sweep_dir / "lr.json", tune_lrs(sw, plan_points(sw, sweep_dir, overrides, tuned={})[0]))
     # points finished before (an interrupted sweep, or capability added to the sweep since) get scored too
     for q in points:
         if q.group != "lr" and q.name not in failed and is_finished(q):
