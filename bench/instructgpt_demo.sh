@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The InstructGPT demonstration of docs/instructgpt.md, from pretraining to the last plot, on the built-in corpus.
-# About an hour on a 2-core CPU. Rerunning resumes or skips what is done (every stage resumes; finished files stay).
+# Under an hour on a 2-core CPU. Rerunning resumes or skips what is done (every stage resumes; finished files stay).
 #   bash bench/instructgpt_demo.sh            # runs under runs/igpt, tables and plots to docs/instructgpt
 #   ROOT=/tmp/igpt OUT=/tmp/igpt/report bash bench/instructgpt_demo.sh
 set -euo pipefail
@@ -38,6 +38,9 @@ PPO_ARGS=(iterations=16 prompts=32 minibatch=8 ppo_epochs=2 max_new_tokens=96 lr
 step ppo python rlhf.py ppo "$ROOT/sft" --reward "$ROOT/reward" --run-dir "$ROOT/ppo" "${PPO_ARGS[@]}"
 step ppo-ptx python rlhf.py ppo "$ROOT/sft" --reward "$ROOT/reward" --run-dir "$ROOT/ppo-ptx" "${PPO_ARGS[@]}" \
     ptx_coef=1.0 ptx_batch=8
+# 5b. a long low-beta PPO run: the PPO side of reward over-optimisation (Gao et al. 2022), far past PPO's KL above
+step ppo-long python rlhf.py ppo "$ROOT/sft" --reward "$ROOT/reward" --run-dir "$ROOT/ppo-long" "${PPO_ARGS[@]}" \
+    iterations=48 beta=0.002 eval_every=8
 # 6. best-of-n: the no-RL baseline on the same axes
 step bon python rlhf.py bon "$ROOT/sft" --reward "$ROOT/reward" --n 32 --prompts 64 --max-new-tokens 96 \
     --out "$ROOT/bon.json"
@@ -51,9 +54,10 @@ done
 python bench/ppo_iteration.py --from-run "$ROOT/ppo" --out "$ROOT/ppo_timing.json"
 python bench/ppo_iteration.py --from-run "$ROOT/ppo-ptx" --out "$ROOT/ppo_ptx_timing.json"
 python rlhf.py report --out "$OUT" --reward "$ROOT/reward" --rank-report "$ROOT/val_rankings.jsonl.report.json" \
-    --ppo PPO="$ROOT/ppo" --ppo PPO-ptx="$ROOT/ppo-ptx" --bon "$ROOT/bon.json" \
+    --ppo PPO="$ROOT/ppo" --ppo PPO-ptx="$ROOT/ppo-ptx" --ppo "PPO, beta 0.002, 48 it."="$ROOT/ppo-long" --bon "$ROOT/bon.json" \
     --eval pretrained="$ROOT/eval-pretrained.json" --eval SFT="$ROOT/eval-sft.json" \
     --eval PPO="$ROOT/eval-ppo.json" --eval PPO-ptx="$ROOT/eval-ppo-ptx.json"
+python bench/calibrate_labelers.py "$ROOT/rankings.jsonl" --run "$ROOT/pretrain" | tee "$OUT/calibration.txt"
 cp "$TIMES" "$OUT/times.txt"
 cp "$ROOT/ppo_timing.json" "$ROOT/ppo_ptx_timing.json" "$OUT/"
 echo "== the demonstration took $(awk '{s += $2} END {print s}' "$TIMES") s (per step: $TIMES)"
