@@ -1,6 +1,6 @@
 """Ahead-of-time compilation: the training step compiled for a TPU topology on this CPU machine (libtpu),
 per-device memory that falls as FSDP grows, "does not fit" reported as a result, and train.py's
---compile-only command with its errors."""
+--compile-only command with its errors; a PPO iteration (update and reward scoring, four models) likewise."""
 
 from __future__ import annotations
 
@@ -118,3 +118,72 @@ def test_compile_only_errors_are_one_line(argv, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO's iteration (gptjax/rlhf/ppo_aot.py): the update and the reward model's scoring, four models resident
+
+PPO_MODEL = ["model.n_layer=1", "model.d_model=128", "model.n_head=2", "model.block_size=128",
+             "model.vocab_size=512", "model.attention_pattern=dense"]
+
+
+def _ppo_cfg(*extra):
+    from gptjax.rlhf.config import resolve_ppo
+
+    return resolve_ppo(["init_from=<compile-only>", "reward=<compile-only>", "prompts=8", "minibatch=8",
+                        "ppo_epochs=1", *extra])
+
+
+def test_ppo_iteration_compiles_for_a_tpu_topology_with_a_larger_reward_model(v5e_2x2):
+    from gptjax.rlhf import ppo_aot
+
+    policy = ppo_aot.model_from_preset("tiny", PPO_MODEL + ["model.dtype=bfloat16"])
+    value = ppo_aot.model_from_preset("tiny", PPO_MODEL + ["model.dtype=bfloat16", "model.d_model=256"])
+    r = ppo_aot.compile_ppo(_ppo_cfg("mesh.fsdp=4", "ptx_coef=1", "ptx_batch=4"), policy, value, v5e_2x2,
+                            topology="v5e:2x2", policy_name="tiny", value_name="tiny-256")
+    assert r["attention_impl"] == "splash" and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert r["hbm_gib"] == 16 and r["fits"] is True and r["ptx_batch"] == 4
+    for prog in ("update", "score"):
+        assert r[prog]["total_gib"] > 0 and r[prog]["argument_gib"] > 0 and r[prog]["temp_gib"] >= 0
+    res = r["resident_gib"]
+    # the reward model is the value model's size (a scalar head on the same transformer), without Adam state
+    assert res["reward"] == pytest.approx(res["value_state"] / 3, rel=0.01)
+    assert res["reference"] < res["reward"] and res["policy_state"] == pytest.approx(3 * res["reference"], rel=0.01)
+    # the update's arguments are the policy and value states and the reference, plus the rollout batch
+    assert r["update"]["argument_gib"] >= res["policy_state"] + res["value_state"] + res["reference"]
+    assert r["peak_gib"] == pytest.approx(max(r["update"]["total_gib"] + res["reward"], r["score"]["total_gib"]
+                                              + res["policy_state"] + res["value_state"] + res["reference"]))
+    assert r["score_rows"] == 64
+    text = ppo_aot.describe(r)
+    assert "v5e:2x2" in text and "reward model" in text and "-> fits" in text
+
+
+def test_ppo_resident_memory_per_device_falls_as_fsdp_grows():
+    from gptjax.rlhf import ppo_aot
+
+    policy = ppo_aot.model_from_preset("tiny", PPO_MODEL + ["model.attention_impl=reference"])
+    res = {f: ppo_aot.compile_ppo(_ppo_cfg(f"mesh.fsdp={f}", "mesh.data=-1"), policy, policy, jax.devices(),
+                                  programs=())["resident_gib"]["total"] for f in (1, 8)}
+    assert res[8] < res[1] / 4, res  # embeddings, projections and Adam moments all split 8 ways (norms do not)
+
+
+def test_ppo_compile_only_command_and_its_errors(tmp_path):
+    out = tmp_path / "ppo.json"
+    base = ["ppo", "--compile-only", "--policy", "tiny", *[f"--model-override={o}" for o in PPO_MODEL],
+            "prompts=4", "minibatch=4", "ppo_epochs=1"]
+    proc = run_script("rlhf.py", *base, "--json", out, timeout=300)  # this machine's CPU
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["platform"] == "cpu" and r["fits"] is None and r["policy"] == r["value"] == "tiny"
+    assert r["update"]["total_gib"] > 0 and r["score"]["total_gib"] > 0
+    assert "peak (" in proc.stdout and "unknown HBM size" in proc.stdout
+    from conftest import run_main
+
+    from gptjax.cli.rlhf import main
+
+    for argv, message in ((["ppo", "--topology", "v5e:2x2"], "--topology only applies to --compile-only"),
+                          (["ppo", "--compile-only"], "needs the policy's preset: --policy"),
+                          (["ppo", "--compile-only", "--policy", "tiny", "--model-override", "dtype=bf16"],
+                           "give model.KEY=VALUE")):
+        p = run_main(main, *argv)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -7,6 +7,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gptjax.rlhf import losses
 
@@ -98,3 +99,34 @@ def test_ppo_value_loss_takes_the_worse_of_clipped_and_unclipped():
     got = float(losses.ppo_value_loss(v, old, ret, np.ones((1, 2)), clip=0.2))
     # position 0: unclipped error 0, clipped (0.2) error 0.64 -> 0.64; position 1: both inside the clip -> 0.36
     assert math.isclose(got, 0.5 * (0.64 + 0.36) / 2, rel_tol=1e-5)
+
+
+def test_dpo_loss_is_the_papers_loss_for_a_pair_and_log_2_at_the_reference():
+    beta = 0.3
+    lp = jnp.array([[-3.0, -5.5]])  # completion 0 ranked above completion 1
+    ref = jnp.array([[-4.0, -5.0]])
+    ranks, valid = jnp.array([[0, 1]]), jnp.ones((1, 2))
+    loss, r = losses.dpo_loss(lp, ref, ranks, valid, beta)
+    margin = beta * ((-3.0 - -4.0) - (-5.5 - -5.0))
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-margin)), rel=1e-6)  # -log sigmoid(margin)
+    np.testing.assert_allclose(np.asarray(r), beta * (np.asarray(lp) - np.asarray(ref)), rtol=1e-6)
+    same, _ = losses.dpo_loss(ref, ref, ranks, valid, beta)  # the policy is the reference: every reward is 0
+    assert float(same) == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+def test_dpo_loss_over_k_completions_is_the_ranking_loss_of_the_implicit_reward_in_any_order():
+    rng = np.random.default_rng(3)
+    lp, ref = rng.normal(size=(2, 5)) - 4, rng.normal(size=(2, 5)) - 4
+    ranks = np.array([[0, 2, 1, 3, 3], [1, 0, 0, 2, 0]])
+    valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], np.float32)
+    loss, _ = losses.dpo_loss(jnp.asarray(lp), jnp.asarray(ref), jnp.asarray(ranks), jnp.asarray(valid), 0.1)
+    want = losses.ranking_loss(jnp.asarray(0.1 * (lp - ref)), jnp.asarray(ranks), jnp.asarray(valid))
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    perm = np.array([3, 0, 4, 1, 2])
+    perm_valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], np.float32)  # row 1's padding slot stays last
+    perm1 = np.array([2, 0, 3, 1, 4])
+    shuffled = [(lp[0, perm], ref[0, perm], ranks[0, perm]), (lp[1, perm1], ref[1, perm1], ranks[1, perm1])]
+    got, _ = losses.dpo_loss(jnp.asarray(np.stack([s[0] for s in shuffled])),
+                             jnp.asarray(np.stack([s[1] for s in shuffled])),
+                             jnp.asarray(np.stack([s[2] for s in shuffled])), jnp.asarray(perm_valid), 0.1)
+    assert float(got) == pytest.approx(float(loss), rel=1e-6)

@@ -1,7 +1,8 @@
 """InstructGPT's PPO stage (gptjax/rlhf/ppo_stage.py) end to end on a tiny pretrain -> SFT -> reward chain: a run
 records its lineage, evaluates the SFT policy against itself at step 0 (KL exactly 0, win rate exactly 1/2),
 trains with PPO-ptx, writes its final policy as a language-model run, a killed run resumes to exactly the
-uninterrupted one, and bad settings are one line."""
+uninterrupted one, and bad settings are one line. DPO (gptjax/rlhf/dpo.py) on the same chain's rankings: it starts
+at log 2, is evaluated on PPO's axes, resumes exactly, and refuses bad input in one line."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def chain(tmp_path_factory, tiny_overrides, prepared) -> dict:
     train_reward(resolve_reward([f"init_from={root / 'sft'}", f"data={train}", f"val={val}",
                                  f"run_dir={root / 'reward'}", "steps=3", "batch_size=4", "eval_batch_size=8"]),
                  devices=one, log=_quiet)
-    return {"pretrain": pre, "sft": root / "sft", "reward": root / "reward"}
+    return {"pretrain": pre, "sft": root / "sft", "reward": root / "reward", "rankings": train, "val_rankings": val}
 
 
 def _cfg(chain, run_dir, *extra):
@@ -266,3 +267,123 @@ def test_ppo_timing_benchmark_splits_an_iteration_into_its_parts(runs, tmp_path)
     assert all(x > 0 for x in parts) and got["seconds_per_iteration"] == pytest.approx(sum(parts))
     assert sum(got[f"{k}_share"] for k in ("generate", "score", "update")) == pytest.approx(1.0)
     assert got["iterations_measured"] == ITERS - 1 and got["rollout_tokens_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO on the chain's rankings
+
+DPO_STEPS, DPO_EVERY = 4, 2
+
+
+def _dpo_cfg(chain, run_dir, *extra):
+    from gptjax.rlhf.config import resolve_dpo
+
+    return resolve_dpo([f"init_from={chain['sft']}", f"data={chain['rankings']}", f"val={chain['val_rankings']}",
+                        f"run_dir={run_dir}", f"steps={DPO_STEPS}", "batch_size=2", "eval_batch_size=8",
+                        f"eval_every={DPO_EVERY}", f"checkpoint.every={DPO_EVERY}", "checkpoint.keep=10",
+                        "optim.lr=1e-3", *extra])
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tmp_path_factory, chain):
+    from gptjax.rlhf.dpo import train_dpo
+
+    root = tmp_path_factory.mktemp("dpo")
+    one = jax.devices()[:1]
+    # through the command, with a reward model: the policy is also evaluated on PPO's axes
+    proc = run_script("rlhf.py", "dpo", chain["sft"], "--data", chain["rankings"], "--val", chain["val_rankings"],
+                      "--reward", chain["reward"], "--run-dir", root / "rm", f"steps={DPO_STEPS}", "batch_size=2",
+                      "eval_batch_size=8", f"eval_every={DPO_EVERY}", "optim.lr=1e-3", "max_new_tokens=16",
+                      "sample_batch=16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = root / "a"
+    out_a: list[str] = []
+    summary_a = train_dpo(_dpo_cfg(chain, a), devices=one, log=out_a.append)
+    b = _copy_as_killed(a, root / "b", DPO_EVERY)
+    out_b: list[str] = []
+    summary_b = train_dpo(_dpo_cfg(chain, b), devices=one, log=out_b.append)
+    return {"rm": root / "rm", "a": a, "b": b, "summary_a": summary_a, "summary_b": summary_b, "out_b": out_b}
+
+
+def test_dpo_starts_at_log_2_and_is_evaluated_on_ppos_axes(dpo_runs, chain):
+    import math
+
+    from gptjax.eval.scoring import load_run
+
+    rm = dpo_runs["rm"]
+    cfg = json.loads((rm / "config.json").read_text())
+    assert cfg["stage"] == "dpo" and cfg["lineage"][0]["run_dir"] == str(chain["sft"].absolute())
+    recs = _records(rm)
+    train = {r["step"]: r for r in recs if "loss" in r}
+    evals = {r["step"]: r for r in recs if "val_acc" in r and "loss" not in r}
+    assert sorted(train) == list(range(1, DPO_STEPS + 1)) and sorted(evals) == [0, DPO_EVERY, DPO_STEPS]
+    # the first update starts from the reference itself: every implicit reward is 0, the loss exactly log 2
+    assert train[1]["loss"] == pytest.approx(math.log(2), rel=1e-5) and abs(train[1]["implicit_reward_mean"]) < 1e-4
+    first = evals[0]
+    assert first["val_loss"] == pytest.approx(math.log(2), rel=1e-5) and first["val_acc"] == 0.0
+    assert first["kl"] == 0.0 and first["win_rate"] == 0.5 and 0 <= first["true_score"] <= 1
+    last = evals[DPO_STEPS]
+    assert last["kl"] != 0.0 and last["val_loss"] != first["val_loss"]  # the policy moved off the reference
+    summary = json.loads((rm / "summary.json").read_text())
+    assert [h["step"] for h in summary["history"]] == [0, DPO_EVERY, DPO_STEPS]
+    assert all("sqrt_kl" in h and "true_score" in h for h in summary["history"])
+    policy = load_run(rm / "policy")
+    assert policy.step == DPO_STEPS and policy.cfg.model.resid_pdrop == 0.0
+    from gptjax.train.lineage import open_parent
+
+    assert open_parent(str(rm / "policy"), log=_quiet).step == DPO_STEPS  # a later stage can start from it
+
+
+def test_a_dpo_run_goes_into_the_report_beside_ppo(dpo_runs, runs, tmp_path):
+    from gptjax.rlhf.report import make_report
+
+    make_report(tmp_path / "rep", ppo=[f"PPO={runs['a']}", f"DPO={dpo_runs['rm']}"], log=_quiet)
+    md = (tmp_path / "rep" / "tables.md").read_text()
+    last = json.loads((dpo_runs["rm"] / "summary.json").read_text())
+    assert f"| DPO | {last['true_score']:.3f}" in md and (tmp_path / "rep" / "overoptimisation.png").exists()
+
+
+def test_killed_dpo_run_resumes_to_exactly_the_uninterrupted_run(dpo_runs):
+    from gptjax.eval.scoring import load_run
+
+    a, b = dpo_runs["a"], dpo_runs["b"]
+    assert any(f"resuming from checkpoint at step {DPO_EVERY}" in line for line in dpo_runs["out_b"])
+    drop = ("time", "tokens_per_s", "mfu")
+    strip = lambda recs: {(r["step"], "loss" in r): {k: v for k, v in r.items() if k not in drop}  # noqa: E731
+                          for r in recs}
+    assert strip(_records(a)) == strip(_records(b))
+    for x, y in zip(jax.tree.leaves(load_run(a / "policy").params), jax.tree.leaves(load_run(b / "policy").params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert dpo_runs["summary_a"]["val_loss"] == dpo_runs["summary_b"]["val_loss"]
+
+
+def test_dpo_response_masks_cover_the_completion_and_its_end_only(chain):
+    from gptjax.data import load_tokenizer
+    from gptjax.rlhf import dpo, reward
+
+    tok = load_tokenizer(chain["sft"])
+    recs = reward.encode_rankings(tok, [reward._check_record(
+        {"prompt": "def f(x):\n", "completions": ["    return x\n", "    pass\n"], "ended": [True, False],
+         "ranks": [0, 1]}, "record 0")], 64, 64)
+    (rec,) = recs
+    n_prompt = len(tok.encode("def f(x):\n"))
+    m = dpo.response_masks([rec, None], 3, 64)
+    assert rec.n_prompt == n_prompt and m.shape == (2, 3, 64) and not m[1].any() and not m[0, 2].any()
+    for k, comp in enumerate(["    return x\n", "    pass\n"]):
+        n = len(tok.encode(comp)) + (1 if k == 0 else 0)  # the one that ended keeps its end-of-text token
+        assert m[0, k].sum() == n and m[0, k, n_prompt:n_prompt + n].all() and not m[0, k, :n_prompt].any()
+
+
+def test_dpo_bad_input_is_one_line(chain, tmp_path):
+    from conftest import run_main
+
+    from gptjax.cli.rlhf import main
+
+    proc = run_main(main, "dpo", chain["sft"], "--data", chain["rankings"], "--run-dir", tmp_path / "d", "beta=0")
+    assert proc.returncode == 2 and "beta must be positive" in proc.stderr and "Traceback" not in proc.stderr
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "def f():\n", "completions": ["    pass\n"], "ranks": [0]}) + "\n")
+    proc = run_main(main, "dpo", chain["sft"], "--data", one, "--run-dir", tmp_path / "d")
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert proc.returncode != 0 and "ranks 1 completion(s); a ranking needs at least 2" in line
+    assert not (tmp_path / "d" / "checkpoints").exists()

@@ -15,7 +15,9 @@ run with init_from, its config.json recording the lineage.
   python rlhf.py ppo runs/sft --reward runs/reward                          # runs/ppo; the policy in runs/ppo/policy
   python rlhf.py ppo runs/sft --reward runs/reward --run-dir runs/ppo-ptx ptx_coef=1.0 iterations=200 beta=0.05
   python rlhf.py ppo --list-keys
+  python rlhf.py ppo --compile-only --topology v5p:8x8x8 --policy gpt3-xl --value gpt3-6.7b prompts=512 minibatch=64
   python rlhf.py bon runs/sft --reward runs/reward --n 64 --out bon.json     # best-of-n on held-out prompts
+  python rlhf.py dpo runs/sft --data rankings.jsonl --val val_rankings.jsonl --reward runs/reward   # runs/dpo
   python rlhf.py report --out docs/instructgpt --reward runs/reward --ppo PPO=runs/ppo --bon bon.json
 
 sft: next-token loss on the response tokens only, several demonstrations packed into a row where they fit (see
@@ -47,6 +49,11 @@ bon: best-of-n sampling, the no-RL baseline of reward over-optimisation: N sampl
 the policy, scored by the reward model and by the labelers' true score; the expected scores of the reward model's
 best of n = 1, 2, 4, ..., N against sqrt(KL) = sqrt(log n - (n-1)/n) (gptjax/rlhf/bon.py).
 
+dpo: direct preference optimisation (Rafailov et al. 2023) on the same rankings, no reward model and no sampling:
+the policy starts as the SFT run (also the frozen reference) and learns the ranking loss of its implicit reward
+beta * (log pi - log pi_SFT). Held-out rankings are scored at step 0, each epoch and the end; with --reward the
+policy is also sampled on the held-out prompts and judged as PPO's evaluations are, so `report --ppo DPO=RUN_DIR`
+puts it on PPO's axes. The final policy is RUN_DIR/policy (gptjax/rlhf/dpo.py).
 report: the demonstration's tables (OUT/tables.md, OUT/report.json) and plots (reward over-optimisation, PPO's
 held-out curves) from the runs and files above (gptjax/rlhf/report.py).
 """
@@ -103,6 +110,16 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     po.add_argument("--run-dir", default=None, help="where the PPO run goes (default runs/ppo)")
     po.add_argument("--list-keys", action="store_true", help="print every overridable key with its default")
     po.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. iterations=200 beta=0.05 ptx_coef=1")
+    po.add_argument("--compile-only", action="store_true",
+                    help="compile a PPO iteration (update and reward scoring) and report per-chip memory; no run is "
+                         "read or written (gptjax/rlhf/ppo_aot.py)")
+    po.add_argument("--topology", default=None, help="with --compile-only: a TPU topology, e.g. v5p:8x8x8 (libtpu)")
+    po.add_argument("--policy", default=None, help="with --compile-only: the policy's preset (e.g. gpt3-xl)")
+    po.add_argument("--value", default=None, help="with --compile-only: the reward and value models' preset "
+                                                  "(e.g. gpt3-6.7b; default: the policy's)")
+    po.add_argument("--model-override", action="append", default=[], metavar="model.KEY=VALUE",
+                    help="with --compile-only: applied to every model (repeatable), e.g. model.dtype=bfloat16")
+    po.add_argument("--json", default=None, help="with --compile-only: also write the report to this JSON file")
     distributed.add_cli_flags(po)
     bn = sub.add_parser("bon", help="best-of-n sampling against a reward model (the no-RL baseline)",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +133,17 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     bn.add_argument("--temperature", type=float, default=1.0)
     bn.add_argument("--seed", type=int, default=0)
     bn.add_argument("--batch-size", type=int, default=64, help="rows a sampler call (at least --n)")
+    dp = sub.add_parser("dpo", help="direct preference optimisation on the rankings", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    dp.add_argument("init_from", nargs="?", default=None, help="the SFT run directory (RUN_DIR or RUN_DIR@STEP)")
+    dp.add_argument("--data", default=None, help="a JSONL file of ranking records")
+    dp.add_argument("--val", default=None, help="a held-out JSONL file of rankings (default: 5%% of --data's "
+                                                "prompts, by hash)")
+    dp.add_argument("--reward", default=None, help="a reward-model run, only to evaluate the policy on PPO's axes")
+    dp.add_argument("--run-dir", default=None, help="where the DPO run goes (default runs/dpo)")
+    dp.add_argument("--list-keys", action="store_true", help="print every overridable key with its default")
+    dp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. beta=0.1 optim.lr=1e-4")
+    distributed.add_cli_flags(dp)
     rp = sub.add_parser("report", help="the demonstration's tables and plots", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     rp.add_argument("--out", required=True, help="the directory for report.json, tables.md and the plots")
@@ -125,7 +153,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     rp.add_argument("--bon", default=None, help="a best-of-n JSON file (rlhf.py bon)")
     rp.add_argument("--eval", action="append", default=[], metavar="NAME=FILE",
                     help="an eval.py --json file (repeatable): the alignment-tax table")
-    return top, {"sft": sft, "reward": rm, "rank": rk, "ppo": po, "bon": bn, "report": rp}
+    return top, {"sft": sft, "reward": rm, "rank": rk, "ppo": po, "bon": bn, "dpo": dp, "report": rp}
 
 
 def main(argv=None) -> int:
@@ -201,6 +229,12 @@ def _ppo(args) -> int:
         flat = config_lib.flatten(config_lib.to_dict(PPOConfig()))
         print("\n".join(f"{k} = {v!r}" for k, v in flat.items()))
         return 0
+    only = [f for f, v in (("--topology", args.topology), ("--policy", args.policy), ("--value", args.value),
+                           ("--model-override", args.model_override), ("--json", args.json)) if v]
+    if only and not args.compile_only:
+        raise config_lib.ConfigError(f"{only[0]} only applies to --compile-only; add --compile-only")
+    if args.compile_only:
+        return _ppo_compile_only(args)
     named = {"init_from": args.init_from, "reward": args.reward, "run_dir": args.run_dir}
     cfg = resolve_ppo([f"{k}={v}" for k, v in named.items() if v] + list(args.overrides))
     distributed.initialize(args)
@@ -208,6 +242,56 @@ def _ppo(args) -> int:
 
     train_ppo(cfg)
     return 0
+
+
+def _dpo(args) -> int:
+    from gptjax import config as config_lib
+    from gptjax import distributed
+    from gptjax.rlhf.config import DPOConfig, resolve_dpo
+
+    if args.list_keys:
+        flat = config_lib.flatten(config_lib.to_dict(DPOConfig()))
+        print("\n".join(f"{k} = {v!r}" for k, v in flat.items()))
+        return 0
+    named = {"init_from": args.init_from, "data": args.data, "val": args.val, "reward": args.reward,
+             "run_dir": args.run_dir}
+    cfg = resolve_dpo([f"{k}={v}" for k, v in named.items() if v] + list(args.overrides))
+    distributed.initialize(args)
+    from gptjax.rlhf.dpo import train_dpo
+
+    train_dpo(cfg)
+    return 0
+
+
+def _ppo_compile_only(args) -> int:
+    import json
+
+    from gptjax import aot
+    from gptjax import config as config_lib
+    from gptjax.rlhf import ppo_aot
+    from gptjax.rlhf.config import resolve_ppo
+
+    if not args.policy:
+        raise config_lib.ConfigError("--compile-only needs the policy's preset: --policy gpt3-xl (and --value "
+                                     "gpt3-6.7b for the reward and value models)")
+    overrides = list(args.overrides)
+    if args.init_from and "=" in args.init_from:  # no SFT_RUN: the first key=value landed in its place
+        args.init_from, overrides = None, [args.init_from] + overrides
+    if args.init_from or args.reward:
+        raise config_lib.ConfigError("--compile-only reads no run: give the models as presets (--policy, --value), "
+                                     "not SFT_RUN or --reward")
+    # no run is read: placeholders satisfy the settings' validation, the models come from the presets
+    cfg = resolve_ppo(["init_from=<compile-only>", "reward=<compile-only>"] + overrides)
+    policy = ppo_aot.model_from_preset(args.policy, args.model_override)
+    value = ppo_aot.model_from_preset(args.value or args.policy, args.model_override)
+    devices = aot.topology_devices(args.topology) if args.topology else None
+    report = ppo_aot.compile_ppo(cfg, policy, value, devices, topology=args.topology, policy_name=args.policy,
+                                 value_name=args.value or args.policy)
+    print(ppo_aot.describe(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["fits"] is not False else 3
 
 
 def _bon(args) -> int:
@@ -233,7 +317,7 @@ def _report(args) -> int:
     return 0
 
 
-_STAGES = {"sft": _sft, "reward": _reward, "rank": _rank, "ppo": _ppo, "bon": _bon, "report": _report}
+_STAGES = {"sft": _sft, "reward": _reward, "rank": _rank, "ppo": _ppo, "bon": _bon, "dpo": _dpo, "report": _report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -273,3 +273,88 @@ config_lib.VALIDATORS[PPOConfig] = validate_ppo
 def resolve_ppo(overrides: list[str]) -> PPOConfig:
     """Defaults, then key.sub=value overrides (typed, with did-you-mean), then validation."""
     return config_lib.apply_overrides(PPOConfig(), overrides)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (Rafailov et al. 2023) on the reward model's rankings: `python rlhf.py dpo
+    SFT_RUN --data RANKINGS` (gptjax/rlhf/dpo.py). The policy starts as the SFT run, which is also the frozen
+    reference; beta is DPO's (0.1 is the paper's usual value). The fields shared with RewardConfig mean the same
+    (the rankings, their split, batches of prompts with all their K completions, one epoch). reward (optional) is
+    a reward-model run, read only to evaluate: with it, every evaluation also samples the code task's held-out
+    prompts and reports what PPO's evaluations report (true score, reward-model score, KL to SFT, win rate), so DPO
+    and PPO land on the same axes; max_new_tokens, temperature, eval_samples and sample_batch are that
+    evaluation's, as in PPOConfig."""
+
+    init_from: str = ""  # the SFT run (policy start and frozen reference), RUN_DIR or RUN_DIR@STEP
+    data: str = ""  # a JSONL file of ranking records {"prompt", "completions", "ended", "ranks", "labeler"}
+    val: str = ""  # a held-out JSONL file of rankings ("": a deterministic 5% of data's prompts, by a hash)
+    reward: str = ""  # a reward-model run, only for evaluation ("": held-out rankings only)
+    beta: float = 0.1
+    eval_labelers: str = ""  # comma-separated labeler names with a held-out accuracy each ("": every one found)
+    epochs: float = 1.0
+    steps: int = 0  # 0: epochs over the training prompts
+    batch_size: int = 32  # prompts per step, each with all its K completions
+    max_len: int = 0  # 0: the model's context; prompt + completion (+ EOT) longer than this loses the end
+    dropout: float = 0.0  # embedding, attention and residual dropout of the policy while training
+    warmup_fraction: float = 0.02  # of the steps; optim.warmup_steps > 0 sets a number of steps instead
+    eval_every: int = 0  # 0: at the end of every epoch (and always at step 0 and at the end)
+    eval_batch_size: int = 64  # sequences per log-probability batch on the held-out rankings
+    max_new_tokens: int = 128  # the policy evaluation's (with reward=)
+    temperature: float = 1.0
+    eval_samples: int = 1
+    sample_batch: int = 64
+    seed: int = 0
+    run_dir: str = "runs/dpo"
+    log_every: int = 10
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, min_lr_ratio=0.1, decay="cosine",
+                                                                    warmup_steps=0, weight_decay=0.1))
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=0, keep=2))
+    log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+def validate_dpo(cfg: DPOConfig) -> DPOConfig:
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.init_from, "give the SFT run to start from: rlhf.py dpo SFT_RUN --data RANKINGS (init_from=SFT_RUN)")
+    need(cfg.data, "give the rankings: rlhf.py dpo SFT_RUN --data FILE (a JSONL file of {\"prompt\", "
+                   "\"completions\", \"ended\", \"ranks\"} records)")
+    need(cfg.run_dir, "run_dir must not be empty (default runs/dpo)")
+    need(cfg.beta > 0, f"beta must be positive (DPO's KL strength; 0.1 is usual), got {cfg.beta}")
+    need(cfg.epochs > 0 or cfg.steps > 0, "epochs (or steps) must be positive")
+    need(cfg.steps >= 0, f"steps must be >= 0 (0: epochs over the training prompts), got {cfg.steps}")
+    need(cfg.batch_size > 0 and cfg.eval_batch_size > 0, "batch_size and eval_batch_size must be positive")
+    need(cfg.max_len == 0 or cfg.max_len >= 2, f"max_len must be 0 (the model's context) or at least 2, got "
+                                               f"{cfg.max_len}")
+    need(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
+    need(0 <= cfg.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
+    need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0: at the end of every epoch), got {cfg.eval_every}")
+    need(cfg.max_new_tokens > 0 and cfg.eval_samples > 0 and cfg.sample_batch > 0,
+         "max_new_tokens, eval_samples and sample_batch must be positive")
+    need(cfg.temperature > 0, f"temperature must be positive, got {cfg.temperature}")
+    need(cfg.log_every > 0, f"log_every must be positive, got {cfg.log_every}")
+    need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep > 0, "checkpoint.every must be >= 0 (0: at every "
+                                                                "evaluation) and checkpoint.keep positive")
+    names = labeler_names(cfg)
+    need(len(set(names)) == len(names), f"eval_labelers names a labeler twice: {cfg.eval_labelers!r}")
+    config_lib.check_mesh(cfg.mesh)
+    config_lib.check_optim(cfg.optim)
+    config_lib.check_log(cfg.log, cfg.profile)
+    for key in ("init_from", "run_dir", "data", "val", "reward"):
+        config_lib.check_local_path(key, getattr(cfg, key))
+    run, _ = config_lib.split_init_from(cfg.init_from)
+    need(Path(cfg.run_dir).absolute() != Path(run).absolute(),
+         f"the run directory {cfg.run_dir} is the SFT run itself; train DPO into another --run-dir")
+    return cfg
+
+
+config_lib.VALIDATORS[DPOConfig] = validate_dpo
+
+
+def resolve_dpo(overrides: list[str]) -> DPOConfig:
+    """Defaults, then key.sub=value overrides (typed, with did-you-mean), then validation."""
+    return config_lib.apply_overrides(DPOConfig(), overrides)

@@ -5,6 +5,7 @@ position (or completion) counts. Nothing here samples, reads files or knows abou
 
   masked_lm_loss     SFT: next-token loss on the response tokens only
   ranking_loss       reward model: -1/C(K,2) sum log sigmoid(r_w - r_l) over a prompt's pairs, ties dropped
+  dpo_loss           DPO: the ranking loss of the implicit reward beta * (log pi(y|x) - log pi_ref(y|x))
   kl_rewards         PPO's per-token reward: -beta * (log pi - log pi_SFT), the reward-model score at the end token
   gae                generalised advantage estimation (gamma = 1, lambda = 0.95 in the paper)
   whiten             advantages normalised per batch over the positions that count
@@ -43,6 +44,16 @@ def ranking_loss(rewards_PK: jax.Array, ranks_PK: jax.Array, valid_PK: jax.Array
     per_prompt = (per_pair * pair_f).sum((1, 2)) / jnp.maximum(n_pairs, 1.0)
     has = (n_pairs > 0).astype(rewards_PK.dtype)
     return (per_prompt * has).sum() / jnp.maximum(has.sum(), 1.0)
+
+
+def dpo_loss(logp_PK: jax.Array, ref_logp_PK: jax.Array, ranks_PK: jax.Array, valid_PK: jax.Array,
+             beta: float) -> tuple[jax.Array, jax.Array]:
+    """(DPO's loss, the implicit rewards [P, K]) for K-way rankings (Rafailov et al. 2023, with every ranked pair of a
+    prompt as one batch element, as the reward model's loss has them). logp_PK: log pi(y_k | x) summed over each
+    completion's tokens under the policy; ref_logp_PK: the same under the frozen reference. With K = 2 this is
+    -log sigmoid(beta * ((log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)))), the paper's loss."""
+    r_PK = beta * (logp_PK - ref_logp_PK)
+    return ranking_loss(r_PK, ranks_PK, valid_PK), r_PK
 
 
 def kl_rewards(logp_BT: jax.Array, ref_logp_BT: jax.Array, score_B: jax.Array, end_B: jax.Array,

@@ -161,14 +161,7 @@ class Models:
         self.iterate_ptx = jax.jit(iterate, in_shardings=in_sh + (self.ptx_sh,),
                                    out_shardings=(self.state_sh, replicated), donate_argnums=0)
 
-        def logps(params, ref, tokens, response):
-            with sharding.use_mesh(mesh, rules):
-                lp = ppo.token_logps(mcfg_p, params, tokens, hp.temperature)
-                lr = ppo.token_logps(mcfg_p, ref, tokens, hp.temperature)
-            return ppo.kl_per_sequence(lp, lr, response)
-
-        self.kl = jax.jit(logps, in_shardings=(self.p_sh, self.p_sh, self.tok_sh, self.tok_sh),
-                          out_shardings=replicated)
+        self.kl = make_kl(mcfg_p, mesh, rules, self.p_sh, hp.temperature)
         self.all_finite = jax.jit(lambda params: jnp.all(jnp.stack(
             [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])))
 
@@ -205,6 +198,88 @@ def _open_reward(cfg: PPOConfig, mesh_cfg, devices, log):
         raise ConfigError(f"reward={cfg.reward}: a reward model is used as its run finished it (its final/ "
                           f"parameters, with the bias set); give the run directory without @STEP")
     return load_reward_model(run, devices=devices, mesh_cfg=mesh_cfg, log=log)
+
+
+def make_kl(mcfg: ModelConfig, mesh, rules: str, p_sh, temperature: float):
+    """jit (params, ref, tokens [N, T], response [N, T]) -> [N] sum over the response of log pi - log pi_ref at the
+    sampling temperature, replicated."""
+    def logps(params, ref, tokens, response):
+        with sharding.use_mesh(mesh, rules):
+            lp = ppo.token_logps(mcfg, params, tokens, temperature)
+            lr = ppo.token_logps(mcfg, ref, tokens, temperature)
+        return ppo.kl_per_sequence(lp, lr, response)
+
+    tok_sh = sharding.batch_sharding(mesh, rules, ndim=2)
+    return jax.jit(logps, in_shardings=(p_sh, p_sh, tok_sh, tok_sh), out_shardings=NamedSharding(mesh, P()))
+
+
+class PolicyEval:
+    """Sampling and judging a policy on the code task, and its held-out evaluation against the SFT reference.
+
+    sample(params, ids, iteration) draws completions (ppo.rollout: a pure function of (seed, iteration));
+    judged(examples, rollout) gives (texts, ended, reward-model scores, true scores) as the rank stage wrote
+    completions; evaluate(params) is the evaluation the module docstring describes (true score, reward-model score,
+    KL to the reference, the held-out labelers' win rate against the reference's completions, the features), on
+    every prompt of `val` with `eval_samples` completions each, sampled with one fixed seed every time. PPO and DPO
+    evaluate their policies with it, so the two land on the same axes."""
+
+    def __init__(self, mcfg: ModelConfig, tok, scorer, val: Prompts, ref, kl, *, eval_samples: int,
+                 max_new_tokens: int, temperature: float, seed: int, sample_rows: int, pad_id: int):
+        self.mcfg, self.tok, self.scorer, self.val, self.ref, self.kl = mcfg, tok, scorer, val, ref, kl
+        self.eval_samples, self.max_new_tokens, self.temperature = eval_samples, max_new_tokens, temperature
+        self.seed, self.sample_rows, self.pad = seed, sample_rows, pad_id
+        self.T = mcfg.block_size
+        self.sft = self.rollout(ref)  # the SFT policy's held-out completions: what win rates compare against
+
+    def sample(self, params, ids, iteration):
+        return ppo.rollout(self.mcfg, params, ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           seed=self.seed, iteration=iteration, eot_id=self.tok.eot_id, pad_id=self.pad, T=self.T,
+                           batch_size=self.sample_rows, stop=STOP, decode=self.tok.decode)
+
+    def judged(self, examples, ro):
+        """(texts, ended, reward-model scores, true scores) of a rollout, as the rank stage wrote completions."""
+        tok = self.tok
+        comps = [cut_completion(tok.decode(n), bool(e) and not c) for n, e, c in
+                 zip(ro["new"], ro["ended"], ro["closed"])]
+        texts, ended = [t for t, _ in comps], [bool(e) for _, e in comps]
+        rm = np.asarray(self.scorer([ex.prompt for ex in examples], texts, ended), np.float32)
+        true = np.array([code_task.true_score(ex, t, e) for ex, t, e in zip(examples, texts, ended)])
+        return texts, ended, rm, true
+
+    def rollout(self, params):
+        S = self.eval_samples
+        ids = [x for x in self.val.ids for _ in range(S)]
+        exs = [e for e in self.val.examples for _ in range(S)]
+        ro = self.sample(params, ids, EVAL_ITERATION)
+        texts, ended, rm, true = self.judged(exs, ro)
+        L = _bucket(max(len(x) for x in ro["seqs"]), self.T)
+        rows = len(ids)
+        kl = np.asarray(jax.device_get(self.kl(params, self.ref, *(_pad_rows(ro[k][:, :L], rows, self.sample_rows,
+                                                                             self.pad)
+                                                                   for k in ("tokens", "response")))))[:rows]
+        return exs, texts, ended, rm, true, kl
+
+    def evaluate(self, params) -> tuple[dict, str]:
+        exs, texts, ended, rm, true, kl = self.rollout(params)
+        sft = self.sft
+        S = self.eval_samples
+        per_prompt = lambda x: np.asarray(x, np.float64).reshape(-1, S).mean(axis=1)  # noqa: E731
+        wins = []
+        for i, ex in enumerate(exs):
+            a, b = (texts[i], ended[i]), (sft[1][i], sft[2][i])
+            for lab in code_task.HELDOUT_LABELERS:
+                key = ("ppo-eval", i)
+                sa, sb = lab.score(ex, *a, item_key=key), lab.score(ex, *b, item_key=key)
+                wins.append(1.0 if sa > sb else 0.5 if sa == sb else 0.0)
+        win_p = per_prompt(np.asarray(wins).reshape(len(exs), -1).mean(axis=1))
+        feats = [code_task.features(ex, t, e) for ex, t, e in zip(exs, texts, ended)]
+        m = {"true_score": float(true.mean()), "true_score_se": _se(per_prompt(true)),
+             "rm_score": float(rm.mean()), "rm_score_se": _se(per_prompt(rm)),
+             "kl": float(kl.mean()), "kl_se": _se(per_prompt(kl)), "sqrt_kl": float(math.sqrt(max(kl.mean(), 0.0))),
+             "win_rate": float(win_p.mean()), "win_rate_se": _se(win_p), "ended": float(np.mean(ended)),
+             **{f"feat/{f}": float(np.mean([d[f] for d in feats])) for f in code_task.FEATURES}}
+        return m, (f"held-out: true score {m['true_score']:.3f}, reward model {m['rm_score']:+.3f}, KL "
+                   f"{m['kl']:.2f} nats, win rate vs SFT {m['win_rate']:.3f}, ended {m['ended']:.2f}")
 
 
 def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, log) -> dict:
@@ -248,7 +323,6 @@ def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, l
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     rules = cfg.mesh.rules
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows_eval = len(val_p.examples) * cfg.eval_samples
     sample_rows = max(shards, -(-cfg.sample_batch // shards) * shards)
     if cfg.prompts % shards or cfg.minibatch % shards:
         raise ConfigError(f"prompts={cfg.prompts} and minibatch={cfg.minibatch} must be divisible by the {shards} "
@@ -303,25 +377,11 @@ def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, l
     ckpt_cfg = {**config_lib.to_dict(cfg), "lineage": run_lineage, "stage": "ppo"}
     ckpts = Checkpoints(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, log=log)
     metrics_log = loop.MetricsLog(run_dir / "metrics.jsonl", main, cfg.log, ckpt_cfg)
-    pad, eot = scorer.pad_id, tok.eot_id
+    pad = scorer.pad_id
     log(f"PPO from {parent.run_dir} against the reward model {cfg.reward}: {len(train_p.examples)} training / "
         f"{len(val_p.examples)} held-out prompts of the code task ({train_p.skipped} / {val_p.skipped} too long "
         f"for max_new_tokens={cfg.max_new_tokens}), {cfg.iterations} iterations of {cfg.prompts} rollouts, "
         f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}; run dir {run_dir}")
-
-    def sample(params, ids, iteration):
-        return ppo.rollout(mcfg_p, params, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           seed=cfg.seed, iteration=iteration, eot_id=eot, pad_id=pad, T=T,
-                           batch_size=sample_rows, stop=STOP, decode=tok.decode)
-
-    def judged(examples, ro):
-        """(texts, ended, reward-model scores, true scores) of a rollout, as the rank stage wrote completions."""
-        comps = [cut_completion(tok.decode(n), bool(e) and not c) for n, e, c in
-                 zip(ro["new"], ro["ended"], ro["closed"])]
-        texts, ended = [t for t, _ in comps], [bool(e) for _, e in comps]
-        rm = np.asarray(scorer([ex.prompt for ex in examples], texts, ended), np.float32)
-        true = np.array([code_task.true_score(ex, t, e) for ex, t, e in zip(examples, texts, ended)])
-        return texts, ended, rm, true
 
     put = distributed.host_to_global
 
@@ -330,9 +390,9 @@ def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, l
         params = state["params"]["policy"]
         exs = [train_p.examples[i] for i in idx]
         t0 = time.perf_counter()
-        ro = sample(params, [train_p.ids[i] for i in idx], it)
+        ro = pe.sample(params, [train_p.ids[i] for i in idx], it)
         t1 = time.perf_counter()
-        _, ended, rm, true = judged(exs, ro)
+        _, ended, rm, true = pe.judged(exs, ro)
         t2 = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(cfg.seed), it)
         L = _bucket(max(len(x) for x in ro["seqs"]), T)  # padding past the longest sequence changes nothing: cut it
@@ -355,38 +415,12 @@ def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, l
     def batch(step):
         return step, batch_indices(cfg.seed, step, cfg.prompts, len(train_p.examples))
 
-    def eval_rollout(params):
-        ids = [x for x in val_p.ids for _ in range(cfg.eval_samples)]
-        exs = [e for e in val_p.examples for _ in range(cfg.eval_samples)]
-        ro = sample(params, ids, EVAL_ITERATION)
-        texts, ended, rm, true = judged(exs, ro)
-        L = _bucket(max(len(x) for x in ro["seqs"]), T)
-        kl = np.asarray(jax.device_get(models.kl(params, ref, *(_pad_rows(ro[k][:, :L], rows_eval, sample_rows, pad)
-                                                                 for k in ("tokens", "response")))))[:rows_eval]
-        return exs, texts, ended, rm, true, kl
-
-    sft_eval = eval_rollout(ref)  # the SFT policy's held-out completions: what win rates compare against
+    pe = PolicyEval(mcfg_p, tok, scorer, val_p, ref, models.kl, eval_samples=cfg.eval_samples,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                    sample_rows=sample_rows, pad_id=pad)
 
     def evaluate_state(state) -> tuple[dict, str]:
-        exs, texts, ended, rm, true, kl = eval_rollout(state["params"]["policy"])
-        S = cfg.eval_samples
-        per_prompt = lambda x: np.asarray(x, np.float64).reshape(-1, S).mean(axis=1)  # noqa: E731
-        wins = []
-        for i, ex in enumerate(exs):
-            a, b = (texts[i], ended[i]), (sft_eval[1][i], sft_eval[2][i])
-            for lab in code_task.HELDOUT_LABELERS:
-                key = ("ppo-eval", i)
-                sa, sb = lab.score(ex, *a, item_key=key), lab.score(ex, *b, item_key=key)
-                wins.append(1.0 if sa > sb else 0.5 if sa == sb else 0.0)
-        win_p = per_prompt(np.asarray(wins).reshape(len(exs), -1).mean(axis=1))
-        feats = [code_task.features(ex, t, e) for ex, t, e in zip(exs, texts, ended)]
-        m = {"true_score": float(true.mean()), "true_score_se": _se(per_prompt(true)),
-             "rm_score": float(rm.mean()), "rm_score_se": _se(per_prompt(rm)),
-             "kl": float(kl.mean()), "kl_se": _se(per_prompt(kl)), "sqrt_kl": float(math.sqrt(max(kl.mean(), 0.0))),
-             "win_rate": float(win_p.mean()), "win_rate_se": _se(win_p), "ended": float(np.mean(ended)),
-             **{f"feat/{f}": float(np.mean([d[f] for d in feats])) for f in code_task.FEATURES}}
-        return m, (f"held-out: true score {m['true_score']:.3f}, reward model {m['rm_score']:+.3f}, KL "
-                   f"{m['kl']:.2f} nats, win rate vs SFT {m['win_rate']:.3f}, ended {m['ended']:.2f}")
+        return pe.evaluate(state["params"]["policy"])
 
     def on_fresh_start(state):
         ev, line = evaluate_state(state)
@@ -410,19 +444,8 @@ def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, l
     finally:
         metrics_log.close()
     ckpts.close()
-    # the final policy as an ordinary language-model run: eval.py, sample.py, rank and init_from read it
-    policy_dir = run_dir / "policy"
-    if main:
-        shutil.rmtree(policy_dir, ignore_errors=True)
-    distributed.barrier("policy directory cleared")
-    policy_cfg = dataclasses.replace(parent_cfg, model=mcfg_p, run_dir=str(policy_dir), init_from=cfg.init_from)
-    pc = Checkpoints(policy_dir, keep=1, async_save=False, log=log)
-    pc.save_params(final_step, result.state["params"]["policy"],
-                   {**config_lib.to_dict(policy_cfg), "lineage": run_lineage, "stage": "ppo"})
-    pc.close()
-    if main:
-        install(tok, policy_dir)
-        config_lib.save_json(policy_cfg, policy_dir / "config.json", lineage=run_lineage, stage="ppo")
+    policy_dir = save_policy(run_dir, result.state["params"]["policy"], final_step, parent_cfg, mcfg_p,
+                             cfg.init_from, run_lineage, "ppo", tok, main, log)
     history = eval_history(run_dir / "metrics.jsonl", final_step)
     first = history.get(0, {})
     summary = {"step": final_step, **ev, "at_step_0": first, "history": [{"step": s, **history[s]}
@@ -434,6 +457,26 @@ def _train(cfg: PPOConfig, run_dir: Path, main: bool, t_start: float, devices, l
         config_lib.write_json(info_path, {**info, "final_step": final_step})
         config_lib.write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def save_policy(run_dir: Path, params, step: int, parent_cfg, mcfg: ModelConfig, init_from: str, run_lineage,
+                stage: str, tok, main: bool, log) -> Path:
+    """The final policy as an ordinary language-model run in RUN_DIR/policy (params only, its config and
+    tokenizer): eval.py, sample.py, rlhf.py rank and init_from read it."""
+    from gptjax.data import install
+
+    policy_dir = run_dir / "policy"
+    if main:
+        shutil.rmtree(policy_dir, ignore_errors=True)
+    distributed.barrier("policy directory cleared")
+    policy_cfg = dataclasses.replace(parent_cfg, model=mcfg, run_dir=str(policy_dir), init_from=init_from)
+    pc = Checkpoints(policy_dir, keep=1, async_save=False, log=log)
+    pc.save_params(step, params, {**config_lib.to_dict(policy_cfg), "lineage": run_lineage, "stage": stage})
+    pc.close()
+    if main:
+        install(tok, policy_dir)
+        config_lib.save_json(policy_cfg, policy_dir / "config.json", lineage=run_lineage, stage=stage)
+    return policy_dir
 
 
 def _bucket(n: int, T: int, step: int = 64) -> int:

@@ -78,6 +78,9 @@ def reward_table(reward_dir, rank_report) -> dict:
 
 def ppo_rows(ppo_dir) -> dict:
     s = _read(Path(ppo_dir) / "summary.json", "the PPO run's summary")
+    if "true_score" not in s.get("at_step_0", {}):
+        raise DataError(f"{ppo_dir} has no policy evaluations on the held-out prompts (a DPO run trained without "
+                        f"--reward?); rerun it with --reward RM_RUN to put it beside PPO")
     return {"history": s["history"], "first": s["at_step_0"], "last": {k: v for k, v in s.items()
                                                                       if k not in ("history", "at_step_0", "lineage")}}
 
@@ -183,7 +186,7 @@ def plots(rep: dict, out: Path) -> list[Path]:
             for ax, (k, label) in zip(axes, keys):
                 ax.errorbar([e["step"] for e in h], [e[k] for e in h], yerr=[e.get(f"{k}_se") or 0 for e in h],
                             marker="o", capsize=2, label=name, color=f"C{i}")
-                ax.set(xlabel="PPO iteration", title=label)
+                ax.set(xlabel="PPO iteration (DPO: step)", title=label)
         for ax in axes:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)

@@ -117,6 +117,7 @@ class Encoded:
     ranks: np.ndarray  # int32 [K]
     labeler: str
     truncated: int  # completions that lost their end to max_len
+    n_prompt: int  # the prompt's tokens at the start of every sequence (never cut: check_prompt)
 
     @property
     def k(self) -> int:
@@ -233,7 +234,7 @@ def encode_rankings(tok, records: list[Ranking], max_len: int, context: int) -> 
             seqs.append(s)
             cut += t
         i += len(r.completions)
-        out.append(Encoded(tuple(seqs), np.asarray(r.ranks, np.int32), r.labeler, cut))
+        out.append(Encoded(tuple(seqs), np.asarray(r.ranks, np.int32), r.labeler, cut, len(p)))
     return out
 
 

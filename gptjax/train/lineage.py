@@ -26,7 +26,7 @@ from gptjax.data import Tokenizer, load_tokenizer
 from gptjax.errors import CheckpointError
 
 
-LM_STAGES = ("pretrain", "sft", "ppo")  # runs whose weights are a plain language model (a PPO run's policy/)
+LM_STAGES = ("pretrain", "sft", "ppo", "dpo")  # runs whose weights are a plain language model (a PPO run's policy/)
 
 
 @dataclass
