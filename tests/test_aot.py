@@ -134,28 +134,34 @@ def _ppo_cfg(*extra):
                         "ppo_epochs=1", *extra])
 
 
-def test_ppo_iteration_compiles_for_a_tpu_topology_with_a_larger_reward_model(v5e_2x2):
-    from gptjax.rlhf import ppo_aot
+def test_ppo_compile_only_command_compiles_for_a_tpu_topology(v5e_2x2, tmp_path):
+    """Through the command (in this process: libtpu's devices are already open): the update and the reward
+    model's scoring compile for v5e:2x2 with PPO-ptx, splash attention and per-chip memory of the four models."""
+    from conftest import run_main
 
-    policy = ppo_aot.model_from_preset("tiny", PPO_MODEL + ["model.dtype=bfloat16"])
-    value = ppo_aot.model_from_preset("tiny", PPO_MODEL + ["model.dtype=bfloat16", "model.d_model=256"])
-    r = ppo_aot.compile_ppo(_ppo_cfg("mesh.fsdp=4", "ptx_coef=1", "ptx_batch=4"), policy, value, v5e_2x2,
-                            topology="v5e:2x2", policy_name="tiny", value_name="tiny-256")
+    from gptjax.cli.rlhf import main
+
+    out = tmp_path / "ppo.json"
+    proc = run_main(main, "ppo", "--compile-only", "--topology", "v5e:2x2", "--policy", "tiny",
+                    *[f"--model-override={o}" for o in PPO_MODEL + ["model.dtype=bfloat16"]], "--json", out,
+                    "prompts=8", "minibatch=8", "ppo_epochs=1", "mesh.fsdp=4", "ptx_coef=1", "ptx_batch=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
     assert r["attention_impl"] == "splash" and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
-    assert r["hbm_gib"] == 16 and r["fits"] is True and r["ptx_batch"] == 4
+    assert r["topology"] == "v5e:2x2" and r["policy"] == r["value"] == "tiny"
+    assert r["hbm_gib"] == 16 and r["fits"] is True and r["ptx_batch"] == 4 and r["score_rows"] == 64
     for prog in ("update", "score"):
         assert r[prog]["total_gib"] > 0 and r[prog]["argument_gib"] > 0 and r[prog]["temp_gib"] >= 0
     res = r["resident_gib"]
-    # the reward model is the value model's size (a scalar head on the same transformer), without Adam state
-    assert res["reward"] == pytest.approx(res["value_state"] / 3, rel=0.01)
-    assert res["reference"] < res["reward"] and res["policy_state"] == pytest.approx(3 * res["reference"], rel=0.01)
+    # the reward and value models share the policy's size here: parameters once, or with two Adam moments
+    assert res["reward"] == pytest.approx(res["reference"], rel=0.01)
+    assert res["policy_state"] == pytest.approx(3 * res["reference"], rel=0.01)
+    assert res["value_state"] == pytest.approx(3 * res["reward"], rel=0.01)
     # the update's arguments are the policy and value states and the reference, plus the rollout batch
     assert r["update"]["argument_gib"] >= res["policy_state"] + res["value_state"] + res["reference"]
     assert r["peak_gib"] == pytest.approx(max(r["update"]["total_gib"] + res["reward"], r["score"]["total_gib"]
                                               + res["policy_state"] + res["value_state"] + res["reference"]))
-    assert r["score_rows"] == 64
-    text = ppo_aot.describe(r)
-    assert "v5e:2x2" in text and "reward model" in text and "-> fits" in text
+    assert "v5e:2x2" in proc.stdout and "reward model" in proc.stdout and "-> fits" in proc.stdout
 
 
 def test_ppo_resident_memory_per_device_falls_as_fsdp_grows():
@@ -167,16 +173,7 @@ def test_ppo_resident_memory_per_device_falls_as_fsdp_grows():
     assert res[8] < res[1] / 4, res  # embeddings, projections and Adam moments all split 8 ways (norms do not)
 
 
-def test_ppo_compile_only_command_and_its_errors(tmp_path):
-    out = tmp_path / "ppo.json"
-    base = ["ppo", "--compile-only", "--policy", "tiny", *[f"--model-override={o}" for o in PPO_MODEL],
-            "prompts=4", "minibatch=4", "ppo_epochs=1"]
-    proc = run_script("rlhf.py", *base, "--json", out, timeout=300)  # this machine's CPU
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert r["platform"] == "cpu" and r["fits"] is None and r["policy"] == r["value"] == "tiny"
-    assert r["update"]["total_gib"] > 0 and r["score"]["total_gib"] > 0
-    assert "peak (" in proc.stdout and "unknown HBM size" in proc.stdout
+def test_ppo_compile_only_errors_are_one_line():
     from conftest import run_main
 
     from gptjax.cli.rlhf import main
@@ -184,6 +181,7 @@ def test_ppo_compile_only_command_and_its_errors(tmp_path):
     for argv, message in ((["ppo", "--topology", "v5e:2x2"], "--topology only applies to --compile-only"),
                           (["ppo", "--compile-only"], "needs the policy's preset: --policy"),
                           (["ppo", "--compile-only", "--policy", "tiny", "--model-override", "dtype=bf16"],
-                           "give model.KEY=VALUE")):
+                           "give model.KEY=VALUE"),
+                          (["ppo", "--compile-only", "runs/sft", "--policy", "tiny"], "reads no run")):
         p = run_main(main, *argv)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
