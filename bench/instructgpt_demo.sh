@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The InstructGPT demonstration of docs/instructgpt.md, from pretraining to the last plot, on the built-in corpus.
-# Under an hour on a 2-core CPU. Rerunning resumes or skips what is done (every stage resumes; finished files stay).
+# About 75 minutes on a 2-core CPU (docs/instructgpt.md has each step's time). Rerunning resumes or skips what is done (every stage resumes; finished files stay).
 #   bash bench/instructgpt_demo.sh            # runs under runs/igpt, tables and plots to docs/instructgpt
 #   ROOT=/tmp/igpt OUT=/tmp/igpt/report bash bench/instructgpt_demo.sh
 set -euo pipefail
@@ -44,6 +44,10 @@ step ppo-long python rlhf.py ppo "$ROOT/sft" --reward "$ROOT/reward" --run-dir "
 # 6. best-of-n: the no-RL baseline on the same axes
 step bon python rlhf.py bon "$ROOT/sft" --reward "$ROOT/reward" --n 32 --prompts 64 --max-new-tokens 96 \
     --out "$ROOT/bon.json"
+# 6b. DPO on the same rankings (beyond the paper), evaluated on PPO's axes against the same reward model
+step dpo python rlhf.py dpo "$ROOT/sft" --data "$ROOT/rankings.jsonl" --val "$ROOT/val_rankings.jsonl" \
+    --reward "$ROOT/reward" --run-dir "$ROOT/dpo" beta=0.1 optim.lr=1e-4 batch_size=32 eval_every=8 \
+    max_new_tokens=96 sample_batch=32 eval_samples=1
 # 7. the alignment tax: held-out bits per byte and the built-in zero/few-shot code tasks
 for pair in pretrained:pretrain sft:sft ppo:ppo/policy ppo-ptx:ppo-ptx/policy; do
     name=${pair%%:*}; dir=${pair#*:}
@@ -54,7 +58,8 @@ done
 python bench/ppo_iteration.py --from-run "$ROOT/ppo" --out "$ROOT/ppo_timing.json"
 python bench/ppo_iteration.py --from-run "$ROOT/ppo-ptx" --out "$ROOT/ppo_ptx_timing.json"
 python rlhf.py report --out "$OUT" --reward "$ROOT/reward" --rank-report "$ROOT/val_rankings.jsonl.report.json" \
-    --ppo PPO="$ROOT/ppo" --ppo PPO-ptx="$ROOT/ppo-ptx" --ppo "PPO, beta 0.002, 48 it."="$ROOT/ppo-long" --bon "$ROOT/bon.json" \
+    --ppo PPO="$ROOT/ppo" --ppo PPO-ptx="$ROOT/ppo-ptx" --ppo "PPO, beta 0.002, 48 it."="$ROOT/ppo-long" \
+    --ppo DPO="$ROOT/dpo" --bon "$ROOT/bon.json" \
     --eval pretrained="$ROOT/eval-pretrained.json" --eval SFT="$ROOT/eval-sft.json" \
     --eval PPO="$ROOT/eval-ppo.json" --eval PPO-ptx="$ROOT/eval-ppo-ptx.json"
 python bench/calibrate_labelers.py "$ROOT/rankings.jsonl" --run "$ROOT/pretrain" | tee "$OUT/calibration.txt"
