@@ -46,3 +46,33 @@ def test_data_benchmark_runs_at_a_toy_size(tmp_path):
     (run,) = json.loads(out.read_text())["runs"]
     assert run["text_bytes"] >= 4e6 and run["tokens"] > 1e6 and run["peak_rss_gb"] > 0
     assert 0 < run["second_start_s"] < run["prepare_s"] and 0 < run["pipeline_vs_raw"] < 5
+
+
+def test_finetune_analyses_pool_names_a_failed_runs_log_and_sizes_are_checked(tmp_path, monkeypatch):
+    """bench/finetune_analyses.py runs its fine-tuning runs as pinned child processes: a run that fails stops the
+    pool with one line naming its log, and that log holds the child's own error."""
+    import importlib.util
+
+    import pytest
+
+    from gptjax.errors import ConfigError, DataError
+
+    spec = importlib.util.spec_from_file_location("finetune_analyses", REPO / "bench" / "finetune_analyses.py")
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+    assert fa._sizes(["code-body=300:128"])["code-body"] == (300, 128)
+    assert fa._sizes([])["code-follows"] == fa.SIZES["code-follows"]
+    with pytest.raises(ConfigError, match="TASK=N_TRAIN:MAX_LEN"):
+        fa._sizes(["code-bogus=3:4"])
+    for key, value in subprocess_env(1).items():
+        monkeypatch.setenv(key, value)
+    missing = tmp_path / "no-such-run"
+    jobs = [(tmp_path / "runs" / "a", [str(missing), "task=code-follows"])]
+    with pytest.raises(DataError, match=r"runs/a failed \(exit 2\); its log: .*runs/a\.log"):
+        fa._run_pool(jobs, 2, print)
+    assert "is not a directory" in (tmp_path / "runs" / "a.log").read_text()
+    done = tmp_path / "runs" / "b"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text("{}")
+    fa._run_pool([(done, ["unused"])], 2, print)  # a finished run is skipped, not started again
+    assert not (tmp_path / "runs" / "b.log").exists()
