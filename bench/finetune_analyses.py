@@ -8,6 +8,8 @@
 
   python bench/finetune_analyses.py runs/tiny --out docs/finetune          # the measured figures in docs/finetune.md
   python bench/finetune_analyses.py runs/tiny --size code-body=300:128     # another size for one task
+  python bench/finetune_analyses.py runs/tiny --seed 1 --tasks code-package,code-follows --layers-task '' \
+      --runs runs/ft-analyses-seed1 --out docs/finetune/seed1                 # a second seed of two tasks
 
 Every fine-tuning run is an ordinary run directory under --runs (rerunning skips the finished ones), made by
 `python finetune.py` in a child process with its log beside it (RUN.log). With --jobs 2 (the default
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-val", type=int, default=500)
     p.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
                    help="fine-tuning runs at once, each pinned to its own core")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the seed of every run and of the tasks' items (train and validation) and zero-shot's")
     p.add_argument("--plot-only", action="store_true", help="redraw OUT's plots and table from OUT/results.json")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="fine-tuning overrides for every run")
     args = p.parse_intermixed_args(argv)
@@ -126,7 +130,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     sizes = _sizes(args.size)
-    base = [args.run_dir, f"n_val={args.n_val}", f"optim.lr={args.lr}", "drop_long=true"
+    base = [args.run_dir, f"n_val={args.n_val}", f"optim.lr={args.lr}", "drop_long=true", f"seed={args.seed}"
             ] + list(args.overrides)
     parent_cfg = config_lib.load_json(Path(args.run_dir) / "config.json")
     results: dict = {"run_dir": args.run_dir, "settings": base, "sizes": {}, "layers_task": args.layers_task,
@@ -144,7 +148,7 @@ def run(args) -> int:
     run = load_run(args.run_dir)
     scorer = Scorer(run, batch_size=32, progress=False)
     for name in tasks:
-        task = builtin_task(name, parent_cfg.data, n_train=sizes[name][0], n_val=args.n_val)
+        task = builtin_task(name, parent_cfg.data, n_train=sizes[name][0], n_val=args.n_val, seed=args.seed)
         key = task.metrics[0]
         row = {"metric": key, "baseline": metrics_lib.baseline(task)}
         t0 = time.time()
@@ -241,7 +245,8 @@ def _report(results: dict, out: Path) -> None:
               + " | ".join(f"{r[x[0]][k]:.3f}" for x in ROWS) + " |")
     if results["figure2"]:
         print("\nlayers transferred: " + ", ".join(f"{k}: {v['value']:.3f}" for k, v in results["figure2"].items()))
-    print(f"\n{results['seconds'] / 60:.1f} minutes; {out / 'results.json'}, {out / 'table5.png'}, {out / 'figure2.png'}")
+    files = [out / "results.json", out / "table5.png"] + ([out / "figure2.png"] if results["figure2"] else [])
+    print(f"\n{results['seconds'] / 60:.1f} minutes; " + ", ".join(map(str, files)))
 
 
 if __name__ == "__main__":
