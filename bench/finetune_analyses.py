@@ -85,32 +85,36 @@ def _run_pool(jobs: list[tuple[Path, list[str]]], n_procs: int, log) -> None:
     free = list(cores) or [None]
     running: dict = {}
     done, t_pool = len(jobs) - len(todo), time.time()
-    while todo or running:
-        while todo and free:
-            run_dir, overrides = todo.pop(0)
-            core = free.pop(0)
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(run_dir.parent / f"{run_dir.name}.log", "w")
-            pin = f"os.sched_setaffinity(0, {{{core}}}); " if core is not None else ""
-            cmd = [sys.executable, "-c", f"import os, runpy, sys; {pin}sys.argv[0] = 'finetune.py'; "
-                   "runpy.run_module('gptjax.cli.finetune', run_name='__main__')", *overrides, f"run_dir={run_dir}"]
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-            running[proc] = (run_dir, core, fh, time.time())
-        time.sleep(0.5)
-        for proc in [p for p in running if p.poll() is not None]:
-            run_dir, core, fh, t0 = running.pop(proc)
+    try:
+        while todo or running:
+            while todo and free:
+                run_dir, overrides = todo.pop(0)
+                core = free.pop(0)
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                fh = open(run_dir.parent / f"{run_dir.name}.log", "w")
+                pin = f"os.sched_setaffinity(0, {{{core}}}); " if core is not None else ""
+                cmd = [sys.executable, "-c", f"import os, runpy, sys; {pin}sys.argv[0] = 'finetune.py'; "
+                       "runpy.run_module('gptjax.cli.finetune', run_name='__main__')", *overrides,
+                       f"run_dir={run_dir}"]
+                running[subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)] = (run_dir, core, fh, time.time())
+            time.sleep(0.5)
+            for proc in [p for p in running if p.poll() is not None]:
+                run_dir, core, fh, t0 = running.pop(proc)
+                fh.close()
+                if proc.returncode != 0:
+                    raise DataError(f"fine-tuning {run_dir} failed (exit {proc.returncode}); its log: "
+                                    f"{run_dir.parent / (run_dir.name + '.log')}")
+                free.append(core)
+                done += 1
+                s = json.loads((run_dir / "summary.json").read_text())
+                m = s["best"]["metric"]
+                log(f"  [{done}/{len(jobs)}] {run_dir.name}: final {m} {s[f'val_{m}']:.4f}, "
+                    f"{time.time() - t0:.0f} s (pool {time.time() - t_pool:.0f} s)")
+    finally:  # a failure or Ctrl-C stops the other runs too (each resumes from its checkpoint when rerun)
+        for proc, (_, _, fh, _) in running.items():
+            proc.kill()
+            proc.wait()
             fh.close()
-            if proc.returncode != 0:
-                for p in running:
-                    p.kill()
-                raise DataError(f"fine-tuning {run_dir} failed (exit {proc.returncode}); its log: "
-                                f"{run_dir.parent / (run_dir.name + '.log')}")
-            free.append(core)
-            done += 1
-            s = json.loads((run_dir / "summary.json").read_text())
-            m = s["best"]["metric"]
-            log(f"  [{done}/{len(jobs)}] {run_dir.name}: final {m} {s[f'val_{m}']:.4f}, "
-                f"{time.time() - t0:.0f} s (pool {time.time() - t_pool:.0f} s)")
 
 
 def run(args) -> int:

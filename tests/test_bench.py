@@ -76,3 +76,29 @@ def test_finetune_analyses_pool_names_a_failed_runs_log_and_sizes_are_checked(tm
     (done / "summary.json").write_text("{}")
     fa._run_pool([(done, ["unused"])], 2, print)  # a finished run is skipped, not started again
     assert not (tmp_path / "runs" / "b.log").exists()
+
+
+def test_finetune_analyses_pool_stops_the_other_runs_when_one_fails(tmp_path, monkeypatch):
+    """A failed run stops the runs still going: no child is left running after the pool raises."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    from gptjax.errors import DataError
+
+    spec = importlib.util.spec_from_file_location("finetune_analyses", REPO / "bench" / "finetune_analyses.py")
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+    # a stand-in interpreter: the "slow" run records its pid and sleeps, the other fails a moment later
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ncase \"$*\" in\n  *task=slow*) echo $$ > {tmp_path}/slow.pid; exec sleep 60;;\n"
+                    "  *) sleep 1; echo 'error: bad run'; exit 2;;\nesac\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(fa.sys, "executable", str(fake))
+    jobs = [(tmp_path / "runs" / "slow", ["task=slow"]), (tmp_path / "runs" / "bad", ["task=bad"])]
+    with pytest.raises(DataError, match="runs/bad failed"):
+        fa._run_pool(jobs, 2, print)
+    pid = int((tmp_path / "slow.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped
