@@ -219,8 +219,10 @@ def test_one_iteration_on_8_devices_equals_1_device():
         it = ppo.make_iteration(MCFG, hp, opt, opt, ppo_epochs=2, minibatch=4, mesh=mesh)
         outs.append(jax.device_get(it(p, r, v, opt.init(p), opt.init(v), *args[3:], jax.random.PRNGKey(2))))
     (p1, v1, _, _, m1), (p8, v8, _, _, m8) = outs
+    # 4 Adam steps at lr 1e-3 move an element by up to 4e-3; one whose gradient is ~0 can land ~1e-5 apart
+    # under another summation order (seen between AVX2 and AVX-512 CPUs); a sharding bug moves them by ~lr
     for a, b in zip(jax.tree.leaves((p1, v1)), jax.tree.leaves((p8, v8))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
     for key in m1:
         np.testing.assert_allclose(float(m1[key]), float(m8[key]), rtol=1e-5, atol=1e-6, err_msg=key)
     assert jax.tree.leaves(p1)[0].shape == jax.tree.leaves(params)[0].shape
