@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The InstructGPT demonstration of docs/instructgpt.md, from pretraining to the last plot, on the built-in corpus.
-# About 75 minutes on a 2-core CPU (docs/instructgpt.md has each step's time). Rerunning resumes or skips what is done (every stage resumes; finished files stay).
+# About 50 minutes on a 2-core CPU (49 min on 2026-12-02; docs/instructgpt.md has each step's time). Rerunning resumes or skips what is done (every stage resumes; finished files stay).
 #   bash bench/instructgpt_demo.sh            # runs under runs/igpt, tables and plots to docs/instructgpt
 #   ROOT=/tmp/igpt OUT=/tmp/igpt/report bash bench/instructgpt_demo.sh
 set -euo pipefail
