@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,43 +77,23 @@ def _sizes(specs: list[str]) -> dict:
 def _run_pool(jobs: list[tuple[Path, list[str]]], n_procs: int, log) -> None:
     """Run `python finetune.py OVERRIDES run_dir=DIR` for every job without a summary.json, n_procs at
     a time, each child pinned to one core when n_procs > 1; a failed child stops the pool and names its log."""
-    from gptjax.errors import DataError
+    from gptjax.procpool import Job, run_pool
 
-    todo = [(d, o) for d, o in jobs if not (d / "summary.json").exists()]
-    cores = sorted(os.sched_getaffinity(0))[:n_procs] if n_procs > 1 else []
-    free = list(cores) or [None]
-    running: dict = {}
+    todo = [Job(str(d), "import runpy; sys.argv[0] = 'finetune.py'; "
+                "runpy.run_module('gptjax.cli.finetune', run_name='__main__')", [*o, f"run_dir={d}"],
+                d.parent / f"{d.name}.log") for d, o in jobs if not (d / "summary.json").exists()]
     done, t_pool = len(jobs) - len(todo), time.time()
-    try:
-        while todo or running:
-            while todo and free:
-                run_dir, overrides = todo.pop(0)
-                core = free.pop(0)
-                run_dir.parent.mkdir(parents=True, exist_ok=True)
-                fh = open(run_dir.parent / f"{run_dir.name}.log", "w")
-                pin = f"os.sched_setaffinity(0, {{{core}}}); " if core is not None else ""
-                cmd = [sys.executable, "-c", f"import os, runpy, sys; {pin}sys.argv[0] = 'finetune.py'; "
-                       "runpy.run_module('gptjax.cli.finetune', run_name='__main__')", *overrides,
-                       f"run_dir={run_dir}"]
-                running[subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)] = (run_dir, core, fh, time.time())
-            time.sleep(0.5)
-            for proc in [p for p in running if p.poll() is not None]:
-                run_dir, core, fh, t0 = running.pop(proc)
-                fh.close()
-                if proc.returncode != 0:
-                    raise DataError(f"fine-tuning {run_dir} failed (exit {proc.returncode}); its log: "
-                                    f"{run_dir.parent / (run_dir.name + '.log')}")
-                free.append(core)
-                done += 1
-                s = json.loads((run_dir / "summary.json").read_text())
-                m = s["best"]["metric"]
-                log(f"  [{done}/{len(jobs)}] {run_dir.name}: final {m} {s[f'val_{m}']:.4f}, "
-                    f"{time.time() - t0:.0f} s (pool {time.time() - t_pool:.0f} s)")
-    finally:  # a failure or Ctrl-C stops the other runs too (each resumes from its checkpoint when rerun)
-        for proc, (_, _, fh, _) in running.items():
-            proc.kill()
-            proc.wait()
-            fh.close()
+
+    def finished(job, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        run_dir = Path(job.name)
+        s = json.loads((run_dir / "summary.json").read_text())
+        m = s["best"]["metric"]
+        log(f"  [{done}/{len(jobs)}] {run_dir.name}: final {m} {s[f'val_{m}']:.4f}, "
+            f"{seconds:.0f} s (pool {time.time() - t_pool:.0f} s)")
+
+    run_pool(todo, n_procs, on_done=finished, what="fine-tuning")
 
 
 def run(args) -> int:

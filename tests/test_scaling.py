@@ -435,6 +435,21 @@ def test_scaling_command_end_to_end(tmp_path, tiny_overrides, prepared):
         assert 0 < cap["items"] <= 24 and cap["nll_correct_stderr"] > 0 and 0 <= r["capability_acc"] <= 1
     stamps = [(out / r["name"] / "summary.json").stat().st_mtime_ns for r in recs]
 
+    # --jobs 2: the same points in two child processes pinned to a core each give the same results (up to the
+    # summation order of one thread against two) and the same files
+    par = tmp_path / "sweep2"
+    proc = run_script("scaling.py", "sweep", sweep_json, "--dir", par, "--jobs", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 at a time" in proc.stdout
+    recs2 = {json.loads(x)["name"]: json.loads(x) for x in (par / "results.jsonl").read_text().splitlines()}
+    assert sorted(recs2) == [r["name"] for r in recs]
+    for r in recs:
+        r2 = recs2[r["name"]]
+        assert r2["val_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
+        assert r2["capability"] == pytest.approx(r["capability"], rel=1e-3)
+        assert (r2["tokens"], r2["N"], r2["flops"]) == (r["tokens"], r["N"], r["flops"])
+        assert "held-out" in (par / "logs" / f"{r['name']}.log").read_text()
+
     proc = run_script("scaling.py", "sweep", sweep_json, "--dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 already finished, 0 to train" in proc.stdout
@@ -466,4 +481,30 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert main(["sweep", "cpu-ladder", "--dry-run", "model.n_layers=3"]) == 2
     assert "did you mean 'model.n_layer'" in capsys.readouterr().err
     assert main(["sweep", "cpu-ladder", "--dry-run"]) == 0
-    assert "predict-d64-L4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "predict-d64-L4" in out
+    minutes = lambda text: float(text.split(", about ")[1].split(" min")[0])  # noqa: E731
+    assert main(["sweep", "cpu-ladder", "--dry-run", "--jobs", "2"]) == 0
+    out2 = capsys.readouterr().out
+    assert "2 at a time on one core each" in out2
+    assert minutes(out) / 2 < minutes(out2) < minutes(out)  # two at a time, each on one core: slower per point
+    assert main(["sweep", "cpu-ladder", "--jobs", "0", "--dir", str(tmp_path / "j")]) == 2
+    assert "--jobs 0: give 1 to" in capsys.readouterr().err
+
+
+def test_sweep_jobs_a_failing_point_stops_the_pool_with_its_log(tmp_path, tiny_overrides, capsys):
+    """A point whose child process fails (here: its corpus does not exist) stops `sweep --jobs 2` with one line
+    that names the point and its log; the log holds the child's own error."""
+    sweep_json = tmp_path / "bad.json"
+    sweep_json.write_text(json.dumps({
+        "base": "tiny", "overrides": tiny_overrides + ["data.source=jsonl", f"data.paths={tmp_path}/none/*.jsonl"],
+        "head_dim": 16, "min_steps": 2,
+        "sizes": [{"n_layer": 1, "d_model": 16, "lr": 0.01}, {"n_layer": 1, "d_model": 32, "lr": 0.01}],
+        "ladder": {"tokens": 2048}}))
+    assert cli().main(["sweep", str(sweep_json), "--dir", str(tmp_path / "out"), "--jobs", "2"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # the rest: the progress bar
+    assert len(err) == 1 and err[0].startswith("error: sweep point ladder-L1-d") and "failed (exit 1)" in err[0]
+    log = err[0].split("its log: ")[1]
+    assert "matches no file" in open(log).read()
+    results = tmp_path / "out" / "results.jsonl"
+    assert not results.exists() or not results.read_text().strip()

@@ -391,21 +391,29 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def describe(points: list[Point], n_count: str = "non_embedding", tflops: float = 0.0, overhead_s: float = 0.0) -> str:
+PINNED_SPEED = 0.65  # a point's speed on one pinned core / on two cores (measured: docs/scaling.md, --jobs)
+
+
+def describe(points: list[Point], n_count: str = "non_embedding", tflops: float = 0.0, overhead_s: float = 0.0,
+             jobs: int = 1) -> str:
     """A table of the planned points; with `tflops` (effective FLOP/s / 1e12), an estimated time each (plus
-    `overhead_s` per point for compilation, evaluation and checkpoints)."""
+    `overhead_s` per point for compilation, evaluation and checkpoints). With `jobs` > 1 each point runs on one
+    core, at PINNED_SPEED of the two-core rate, `jobs` at a time."""
     rows = [f"{'point':<28} {'N':>9} {'steps':>6} {'D':>7} {'C=6ND':>9} {'FLOPs':>9} {'lr':>8}"
             + ("  est." if tflops else "")]
     total = 0.0
+    speed = tflops * (PINNED_SPEED if jobs > 1 else 1.0)
     for p in points:
-        est = p.flops / (tflops * 1e12) + overhead_s if tflops else 0.0
+        est = p.flops / (speed * 1e12) + overhead_s if tflops else 0.0
         total += est
         lr = "tuned" if p.lr_pending else f"{p.cfg.optim.lr:.3g}"
         rows.append(f"{p.name:<28} {_fmt_tokens(p.n(n_count)):>9} {p.cfg.steps:>6} {_fmt_tokens(p.tokens):>7} "
                     f"{6 * p.n(n_count) * p.tokens:>9.2e} {p.flops:>9.2e} {lr:>8}"
                     + (f"  {est / 60:5.1f} min" if tflops else ""))
+    par = f", {jobs} at a time on one core each" if jobs > 1 else ""
     rows.append(f"{len(points)} points, {sum(p.flops for p in points):.2e} training FLOPs"
-                + (f", about {total / 60:.0f} min at {tflops} TFLOP/s + {overhead_s:g} s per point" if tflops else ""))
+                + (f", about {total / max(jobs, 1) / 60:.0f} min at {tflops} TFLOP/s + {overhead_s:g} s per point"
+                   f"{par}" if tflops else ""))
     return "\n".join(rows)
 
 
@@ -499,13 +507,56 @@ def train_point(p: Point, log: Callable[[str], None]) -> dict:
     return pretrain(p.cfg, log=log)
 
 
-def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = None, *,
-          log: Callable[[str], None] = print, train: Callable[[Point, Callable], dict] = train_point) -> list[dict]:
-    """Train every unfinished point, in order: the lr sweep first (its result, SWEEP_DIR/lr.json, sets the
-    tuned rates), then the ladder, isoFLOP and extra-seed points; returns the results records.
+def _train_one(sw: SweepConfig, p: Point, train: Callable[[Point, Callable], dict],
+               log: Callable[[str], None]) -> bool:
+    """Train one point and score its capability; False when its loss became non-finite (reported, and recorded
+    in its directory: failed.txt, and for an lr-sweep point an infinite loss, which is a result of the lr sweep)."""
+    from gptjax.errors import NonFiniteLoss
 
-    A point whose loss becomes non-finite is reported and skipped (its directory keeps the error); the others
-    still run (a diverged lr-sweep point counts as an infinite loss). The prediction point is left to
+    (Path(p.cfg.run_dir) / "failed.txt").unlink(missing_ok=True)
+    try:
+        train(p, log)
+    except NonFiniteLoss as e:
+        log(f"point {p.name} failed: {e}")
+        Path(p.cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(p.cfg.run_dir) / "failed.txt").write_text(str(e) + "\n")
+        if p.group == "lr":  # a rate that diverges is a result of the lr sweep: the worst loss
+            (Path(p.cfg.run_dir) / "summary.json").write_text(json.dumps({"val_loss": math.inf}))
+        return False
+    if p.group != "lr":
+        measure_capability(sw, p)
+    return True
+
+
+def _child_main(argv: list[str]) -> None:
+    """A `sweep --jobs N` child: SWEEP_DIR/sweep.json and one point's JSON -> the point trained and scored."""
+    sw = load_sweep(argv[0])
+    d = json.loads(Path(argv[1]).read_text())
+    p = Point(**{**d, "cfg": config_lib.from_dict(TrainConfig, d["cfg"])})
+    _train_one(sw, p, train_point, print)
+
+
+def _point_job(p: Point, sweep_dir: Path):
+    from gptjax.procpool import Job
+
+    path = sweep_dir / "jobs" / f"{p.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {**dataclasses.asdict(p), "cfg": config_lib.to_dict(p.cfg)})
+    return Job(p.name, "from gptjax.scaling.sweep import _child_main; _child_main(sys.argv[1:])",
+               [str(sweep_dir / "sweep.json"), str(path)], sweep_dir / "logs" / f"{p.name}.log",
+               env={"TQDM_MININTERVAL": "10"})  # a progress line every 10 s in the point's log, not every step
+
+
+def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = None, *,
+          log: Callable[[str], None] = print, train: Callable[[Point, Callable], dict] = train_point,
+          jobs: int = 1) -> list[dict]:
+    """Train every unfinished point: the lr sweep first (its result, SWEEP_DIR/lr.json, sets the tuned rates),
+    then the ladder, isoFLOP and extra-seed points; returns the results records.
+
+    With `jobs` > 1 the points train in child processes, `jobs` at a time, each pinned to a core of its own
+    (gptjax.procpool; logs in SWEEP_DIR/logs/), the most expensive first; the results do not depend on the
+    order. A point whose loss becomes non-finite is reported and skipped (its directory keeps the error); the
+    others still run (a diverged lr-sweep point counts as an infinite loss). The prediction point is left to
     `predict`."""
     from gptjax.errors import NonFiniteLoss
     from tqdm.auto import tqdm
@@ -520,34 +571,47 @@ def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = 
     lr_points = [p for p in points if p.group == "lr"]
     todo = [p for p in points if p.lr_pending or not is_finished(p)]
     log(f"sweep {sw.name}: {len(points)} points, {len(points) - len(todo)} already finished, {len(todo)} to train "
-        f"in {sweep_dir}")
+        f"in {sweep_dir}" + (f", {jobs} at a time (one core each; logs in {sweep_dir / 'logs'})" if jobs > 1 else ""))
     total = sum(p.flops for p in points) / 1e12
     bar = tqdm(total=total, initial=total - sum(p.flops for p in todo) / 1e12, unit="TFLOP", unit_scale=False,
                bar_format="{l_bar}{bar}| {n:.3g}/{total:.3g} TFLOP [{elapsed}<{remaining}{postfix}]",
                desc=f"sweep {sw.name}", dynamic_ncols=True, position=0)
     failed: list[str] = []
+    started = [0]
 
-    def run(p: Point, i: int, n: int) -> None:
-        bar.set_postfix_str(f"{i}/{n} {p.name}", refresh=True)
-        try:
-            train(p, lambda s: bar.write(s))
-        except NonFiniteLoss as e:
-            bar.write(f"point {p.name} failed: {e}")
-            (Path(p.cfg.run_dir) / "failed.txt").write_text(str(e) + "\n")
-            if p.group == "lr":  # a rate that diverges is a result of the lr sweep: the worst loss
-                (Path(p.cfg.run_dir) / "summary.json").write_text(json.dumps({"val_loss": math.inf}))
-            else:
-                failed.append(p.name)
-        if p.group != "lr" and p.name not in failed:
-            measure_capability(sw, p)
+    def finished(p: Point, ok: bool, seconds: float | None = None) -> None:
+        if not ok and p.group != "lr":
+            failed.append(p.name)
         bar.update(p.flops / 1e12)
         write_results(sw, points, sweep_dir)
+        if seconds is not None:
+            s = json.loads((Path(p.cfg.run_dir) / "summary.json").read_text()) if ok else {}
+            bar.write(f"{p.name}: " + (f"held-out loss {s['val_loss']:.4f}, {seconds:.0f} s" if ok else "failed"))
 
-    n = len(todo)
+    def run_all(ps: list[Point]) -> None:
+        if jobs <= 1:
+            for p in ps:
+                started[0] += 1
+                bar.set_postfix_str(f"{started[0]}/{len(todo)} {p.name}", refresh=True)
+                finished(p, _train_one(sw, p, train, lambda s: bar.write(s)))
+            return
+        from gptjax.procpool import run_pool
+
+        by_name = {p.name: p for p in ps}
+        order = sorted(ps, key=lambda p: -p.flops)  # longest first: the pool ends with short points to balance
+
+        def done(job, seconds: float) -> None:
+            p = by_name[job.name]
+            failed_txt = Path(p.cfg.run_dir) / "failed.txt"
+            if failed_txt.exists():
+                bar.write(f"point {p.name} failed: {failed_txt.read_text().strip()}")
+            finished(p, not failed_txt.exists(), seconds)
+
+        run_pool([_point_job(p, sweep_dir) for p in order], jobs, on_done=done, what="sweep point",
+                 error=SweepError)
+
     try:
-        first = [p for p in todo if p.group == "lr"]  # the lr sweep first: the other points' rates wait for it
-        for i, p in enumerate(first):
-            run(p, i + 1, n)
+        run_all([p for p in todo if p.group == "lr"])  # the lr sweep first: the other points' rates wait for it
         if lr_points and (any(p.lr_pending for p in todo) or not (sweep_dir / "lr.json").exists()):
             result = tune_lrs(sw, plan_points(sw, sweep_dir, overrides, tuned={})[0])
             _write_json(sweep_dir / "lr.json", result)
@@ -558,9 +622,7 @@ def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = 
                 bar.write(f"note: the best rate of {', '.join(result['edge_sizes'])} is at an edge of "
                           f"lr_sweep.lrs (a bound, not an optimum); widen the grid to pin it down")
             points = [p for p in plan_points(sw, sweep_dir, overrides)[0] if p.group != "predict"]
-        rest = [p for p in points if p.group != "lr" and not is_finished(p)]
-        for i, p in enumerate(rest):
-            run(p, len(first) + i + 1, n)
+        run_all([p for p in points if p.group != "lr" and not is_finished(p)])
     finally:
         bar.close()
     # points finished before (an interrupted sweep, or capability added to the sweep since) get scored too
