@@ -102,3 +102,58 @@ def test_finetune_analyses_pool_stops_the_other_runs_when_one_fails(tmp_path, mo
     pid = int((tmp_path / "slow.pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # killed and reaped
+
+
+def test_icl_score_reads_every_checkpoint_and_its_mean_is_the_heldout_loss(tmp_path, tiny_overrides, prepared):
+    """bench/icl_score.py: per-position held-out losses whose token-weighted mean is eval's held-out loss, the
+    ICL score from its bands, one record per kept checkpoint."""
+    from conftest import run_script
+
+    run_dir = tmp_path / "run"
+    proc = run_script("train.py", "--config", "tiny", *tiny_overrides, f"run_dir={run_dir}", "steps=12",
+                      "checkpoint.every=6", "checkpoint.keep=5", "optim.lr=3e-3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "icl.json"
+    proc = run_script(str(REPO / "bench" / "icl_score.py"), run_dir, "--all-steps", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads(out.read_text())
+    assert [r["step"] for r in recs] == [6, 12]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last = recs[-1]
+    assert abs(last["mean"] - summary["val_loss"]) < 1e-4
+    T = len(last["per_position"])
+    assert sum(last["counts"]) == last["tokens"] and T == len(last["counts"])
+    late = sum(x * c for x, c in zip(last["per_position"][-T // 8:], last["counts"][-T // 8:])) / sum(last["counts"][-T // 8:])
+    assert abs(last["late"] - late) < 1e-9 and abs(last["icl_score"] - (last["late"] - last["early"])) < 1e-12
+    assert recs[0]["mean"] > recs[1]["mean"]  # 6 more steps of training lower the held-out loss
+    proc = run_script(str(REPO / "bench" / "icl_score.py"), tmp_path / "no-such-run")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    # bench/heldout_overlap.py on the same run: the tagged and untagged tokens make up the held-out mean
+    out = tmp_path / "overlap.json"
+    proc = run_script(str(REPO / "bench" / "heldout_overlap.py"), run_dir, "--min-chars", "10", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())["runs"][0]
+    assert 0 < r["seen_fraction"] < 1 and r["tokens"] > 1000
+    f = r["seen_fraction"]
+    assert abs(f * r["seen"] + (1 - f) * r["unseen"] - r["mean"]) < 1e-6
+    assert abs(r["mean"] - summary["val_loss"]) < 0.1  # files tokenised one by one: close to eval's, not equal
+
+
+def test_heldout_overlap_tags_the_tokens_of_lines_seen_in_training(tmp_path, prepared):
+    import importlib.util
+
+    import sentencepiece as spm
+
+    spec = importlib.util.spec_from_file_location("heldout_overlap", REPO / "bench" / "heldout_overlap.py")
+    ho = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ho)
+    sp = spm.SentencePieceProcessor(model_file=str(next(prepared.glob("**/tokenizer.model"))))
+    seen = ho.seen_lines(["def f():\n    return some_long_name_here\n", "x = 1\n"], 10)
+    assert seen == {"return some_long_name_here"}  # "x = 1" and "def f():" are shorter than 10 characters
+    doc = "é = 2\n  return some_long_name_here\nprint(é)\n"
+    ids, tags = ho.tagged_tokens(sp, doc, seen, 10)
+    assert ids == sp.encode(doc)
+    pieces = [sp.id_to_piece(i) for i in ids]
+    tagged = "".join(p for p, t in zip(pieces, tags) if t).replace("\u2581", " ")
+    assert tagged.strip() == "return some_long_name_here"
+    assert "print" not in tagged and "2" not in tagged
