@@ -157,3 +157,28 @@ def test_heldout_overlap_tags_the_tokens_of_lines_seen_in_training(tmp_path, pre
     tagged = "".join(p for p, t in zip(pieces, tags) if t).replace("\u2581", " ")
     assert tagged.strip() == "return some_long_name_here"
     assert "print" not in tagged and "2" not in tagged
+
+
+def test_extrapolate_bands_recovers_an_exact_power_law_and_names_a_missing_run(tmp_path, capsys):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("extrapolate_bands", REPO / "bench" / "extrapolate_bands.py")
+    eb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eb)
+    law = lambda c, a: 20.0 * c ** -a  # noqa: E731
+    flops = {"a": 1e11, "b": 4e11, "c": 1.6e12, "big": 1.6e13}
+    recs = []
+    for n, c in flops.items():
+        bands = {k: law(c, 0.05 + 0.01 * i) for i, k in enumerate(["mean", "0", "1-7", "early", "mid", "late"])}
+        bands["late"] = bands["late"] * (0.9 if n == "big" else 1.0)  # the big run beats the law late in the context
+        recs.append({"run": f"runs/x/{n}", "step": 1, **bands, "icl_score": bands["late"] - bands["early"]})
+    (tmp_path / "icl.json").write_text(json.dumps(recs))
+    args = ["--icl", str(tmp_path / "icl.json"), "--fit", "a=1e11", "b=4e11", "c=1.6e12", "--predict", "big=1.6e13"]
+    assert eb.main(args) == 0
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in capsys.readouterr().out.splitlines()}
+    assert rows["held-out loss, all tokens"].endswith(("(+0.0%) |", "(-0.0%) |")) and "| -0.0500 |" in rows["held-out loss, all tokens"]
+    assert rows['last T/8 positions ("late")'].endswith("(+11.1%) |")  # 1 / 0.9 - 1
+    with pytest.raises(SystemExit, match="nope not in"):
+        eb.main(args[:-1] + ["nope=1e13"])
