@@ -31,6 +31,24 @@ def prompts_of(*lens, seed=0):
     return [[int(t) for t in rng.integers(0, V, n)] for n in lens]
 
 
+def assert_same_greedy(cfg, params, prompts, a, b, tol=1e-4):
+    """Greedy continuations a and b are equal, except where a row's two continuations part at an exact tie:
+    the two tokens chosen there are the model's top two, within `tol` nats of each other (float32 rounding in
+    another summation order picks either; on a 2-core Intel Xeon with AVX-512, 2026-12-03, one row of the
+    dense,banded case parts at a gap of 7.5e-6). Every other row must match exactly."""
+    parted = 0
+    for p, x, y in zip(prompts, a, b):
+        if x == y:
+            continue
+        i = next(k for k in range(min(len(x), len(y))) if x[k] != y[k])
+        logits = np.asarray(model.forward(cfg, params, jnp.asarray([p + y[:i]]))[0, -1] + model.vocab_mask(cfg))
+        top = [int(t) for t in np.argsort(logits)[::-1][:2]]
+        assert sorted(top) == sorted([x[i], y[i]]), (i, x[i], y[i], top, logits[top])
+        assert abs(logits[top[0]] - logits[top[1]]) < tol, (i, logits[top])
+        parted += 1
+    assert parted <= 1, f"{parted} rows part: more than a tie"
+
+
 @pytest.mark.parametrize("pattern,window,norm", [("dense", 256, "pre"), ("dense,banded", 5, "pre"),
                                                  ("banded", 3, "post")])
 def test_greedy_with_cache_equals_full_recompute(pattern, window, norm):
@@ -38,11 +56,11 @@ def test_greedy_with_cache_equals_full_recompute(pattern, window, norm):
     prompts = prompts_of(3, 11, 1, 20)
     cached = gen.generate(cfg, params, prompts, 30, batch_size=4)
     full = gen.generate_uncached(cfg, params, prompts, 30)
-    assert cached == full
+    assert_same_greedy(cfg, params, prompts, cached, full)
     assert all(len(c) == 30 for c in cached)
     assert len(set(sum(cached, []))) > 10, "degenerate continuations would make this test vacuous"
     if pattern == "dense,banded":  # batch composition does not change greedy results
-        assert gen.generate(cfg, params, prompts, 30, batch_size=1) == cached
+        assert_same_greedy(cfg, params, prompts, gen.generate(cfg, params, prompts, 30, batch_size=1), cached)
 
 
 def test_cached_logits_match_the_forward_pass_at_every_position():
