@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def seen_lines(train_docs, min_chars: int) -> set[str]:
@@ -50,7 +51,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from gptjax.data.cache import windows
     from gptjax.errors import GptjaxError
     from gptjax.eval.scoring import eval_batch_size, load_run
-    from gptjax.model import forward, vocab_mask
+    from icl_score import token_nll  # bench/icl_score.py: the same per-token loss
 
     out = []
     try:
@@ -74,13 +74,8 @@ def main(argv=None) -> int:
                 seen = seen_lines(train_docs, args.min_chars)
                 cache[key] = [tagged_tokens(sp, d, seen, args.min_chars) for d in val_docs]
             docs = cache[key]
-            cfg, T = run.cfg.model, run.cfg.model.block_size
-            mask = vocab_mask(cfg)
-
-            @jax.jit
-            def nll(params, tokens):
-                lp = jax.nn.log_softmax(forward(cfg, params, tokens[:, :-1]) + mask, axis=-1)
-                return -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+            T = run.cfg.model.block_size
+            nll = token_nll(run.cfg.model)
 
             bs = eval_batch_size(run.cfg, run.mesh)
             ids = [np.asarray(i, np.int32) for i, _ in docs]

@@ -31,37 +31,43 @@ def bands(T: int) -> dict[str, tuple[int, int]]:
     return {"0": (0, 1), "1-7": (1, min(8, T)), "early": (e, 2 * e), "mid": (T // 4, T // 2), "late": (T - 2 * e, T)}
 
 
+def token_nll(cfg):
+    """A jitted (params, tokens [B, T+1]) -> nats of each predicted token [B, T], padded vocabulary rows masked."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptjax.model import forward, vocab_mask
+
+    mask = vocab_mask(cfg)
+
+    @jax.jit
+    def nll(params, tokens):
+        lp = jax.nn.log_softmax(forward(cfg, params, tokens[:, :-1]) + mask, axis=-1)
+        return -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+    return nll
+
+
 def per_position(run) -> tuple[list[float], list[int]]:
     """Mean held-out nats at each context position of a restored run (gptjax.eval.scoring.Run), and the number of
     tokens at each position."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
     from gptjax.cli.eval import token_cache
     from gptjax.errors import DataError
     from gptjax.eval.scoring import eval_batch_size
-    from gptjax.model import forward, vocab_mask
 
     td = token_cache(run)
     if td is None:
         raise DataError(f"{run.run_dir} has no token cache of its own (an imported model?); this needs a train.py run")
-    cfg = run.cfg.model
-    T = cfg.block_size
-    mask = vocab_mask(cfg)
-
-    @jax.jit
-    def nats(params, tokens, weights):
-        logits = forward(cfg, params, tokens[:, :-1]) + mask
-        lp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-        return (nll * weights).sum(0), weights.sum(0)
-
+    T = run.cfg.model.block_size
+    nll = token_nll(run.cfg.model)
     total, count = np.zeros(T), np.zeros(T)
     for tokens, weights in td.eval_windows(seq_len=T, batch_size=eval_batch_size(run.cfg, run.mesh)):
-        s, c = nats(run.params, jnp.asarray(tokens), jnp.asarray(weights))
-        total += np.asarray(s)
-        count += np.asarray(c)
+        x = np.asarray(nll(run.params, jnp.asarray(tokens)))
+        total += (x * weights).sum(0)
+        count += weights.sum(0)
     return [float(v) for v in total / np.maximum(count, 1)], [int(c) for c in count]
 
 
