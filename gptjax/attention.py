@@ -236,6 +236,65 @@ def _flash_bwd(block, rate, res, do_BTNH):
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
 
 
+DENSE_BLOCK = 128  # query block of dense_attention: block g attends only keys 0 .. (g + 1) * block - 1
+
+
+def _dense_parts(T: int, C: int):
+    """The query blocks of dense_attention: (start, stop) of each, the last one possibly short."""
+    return [(a, min(a + C, T)) for a in range(0, T, C)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dense_attention(q_BTNH, k_BTNH, v_BTNH, block: int = DENSE_BLOCK) -> jax.Array:
+    """Dense causal self-attention for short contexts, fast on the CPU: equal to reference_attention to float
+    rounding (tests/test_attention.py), with three differences in how it computes. (1) It works in [B, N, T, H]
+    layout, so every matmul is a plain batched matmul over (B, N) (XLA's CPU backend runs the [B, T, N, H]
+    einsums of the reference several times slower). (2) Query block g of `block` positions multiplies only keys
+    0 .. (g + 1) * block - 1: the blocks wholly above the diagonal are never computed, a quarter of the work at
+    two blocks. (3) A hand-written backward pass reuses the saved probabilities (what autodiff of the reference
+    saves too, so no more memory), in the same layout."""
+    return _dense_fwd(q_BTNH, k_BTNH, v_BTNH, block)[0]
+
+
+def _dense_fwd(q_BTNH, k_BTNH, v_BTNH, block):
+    T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
+    scale = 1.0 / math.sqrt(H)
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BTNH, k_BTNH, v_BTNH))  # [B, N, T, H]
+    probs, outs = [], []
+    for a, b in _dense_parts(T, block):
+        s_BNCS = jnp.einsum("BNCH,BNSH->BNCS", q[:, :, a:b], k[:, :, :b], preferred_element_type=jnp.float32) * scale
+        ok_CS = np.arange(b)[None, :] <= np.arange(a, b)[:, None]
+        p_BNCS = jax.nn.softmax(jnp.where(ok_CS, s_BNCS, jnp.finfo(jnp.float32).min), axis=-1)
+        probs.append(p_BNCS)
+        outs.append(jnp.einsum("BNCS,BNSH->BNCH", p_BNCS.astype(v.dtype), v[:, :, :b]))
+    o_BNTH = jnp.concatenate(outs, axis=2)
+    return jnp.swapaxes(o_BNTH, 1, 2), (q, k, v, o_BNTH, probs)
+
+
+def _dense_bwd(block, res, do_BTNH):
+    q, k, v, o, probs = res
+    T, H = q.shape[2], q.shape[-1]
+    scale = 1.0 / math.sqrt(H)
+    do = jnp.swapaxes(do_BTNH, 1, 2).astype(jnp.float32)  # [B, N, T, H]
+    delta_BNT1 = (do * o.astype(jnp.float32)).sum(-1, keepdims=True)  # rowsum(dO * O)
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, T - x.shape[2]), (0, 0)))  # noqa: E731
+    for (a, b), p_BNCS in zip(_dense_parts(T, block), probs):
+        do_C = do[:, :, a:b]
+        dv = dv + pad(f32("BNCS,BNCH->BNSH", p_BNCS, do_C))
+        dp_BNCS = f32("BNCH,BNSH->BNCS", do_C, v[:, :, :b])
+        ds_BNCS = p_BNCS * (dp_BNCS - delta_BNT1[:, :, a:b]) * scale
+        dq.append(f32("BNCS,BNSH->BNCH", ds_BNCS, k[:, :, :b]))
+        dk = dk + pad(f32("BNCS,BNCH->BNSH", ds_BNCS, q[:, :, a:b]))
+    dq = jnp.concatenate(dq, axis=2)
+    back = lambda x, like: jnp.swapaxes(x, 1, 2).astype(like.dtype)  # noqa: E731
+    return back(dq, q), back(dk, k), back(dv, v)
+
+
+dense_attention.defvjp(_dense_fwd, _dense_bwd)
+
+
 def _jax_nn(q, k, v, window, implementation):
     local = (window - 1, 0) if window is not None else None
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
@@ -320,5 +379,7 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, window: int | None = None, impl: str = 
         if use_dropout:
             return flash_attention(q_BTNH, k_BSNH, v_BSNH, FLASH_BLOCK, dropout_rate, dropout_key)
         return flash_attention(q_BTNH, k_BSNH, v_BSNH)
+    if impl == "blockwise" and window is None and T == S and not use_dropout:
+        return dense_attention(q_BTNH, k_BSNH, v_BSNH)
     return reference_attention(q_BTNH, k_BSNH, v_BSNH, window=window, dropout_rate=dropout_rate,
                                dropout_key=dropout_key)

@@ -157,7 +157,9 @@ def block(cfg: ModelConfig, p: Params, x_BTD: jax.Array, kind: str, key: jax.Arr
 
     def attn_branch(h_BTD):
         a = p["attn"]
-        qkv_BTKNH = jnp.einsum("BTD,DKNH->BTKNH", h_BTD, a["c_attn"]["kernel"].astype(dt)) + a["c_attn"]["bias"].astype(dt)
+        B_, T_, D_ = h_BTD.shape
+        qkv_BTKNH = (jnp.einsum("MD,DKNH->MKNH", h_BTD.reshape(B_ * T_, D_), a["c_attn"]["kernel"].astype(dt))
+                     + a["c_attn"]["bias"].astype(dt)).reshape((B_, T_) + a["c_attn"]["bias"].shape)
         q_BTNH, k_BTNH, v_BTNH = qkv_BTKNH[:, :, 0], qkv_BTKNH[:, :, 1], qkv_BTKNH[:, :, 2]
         if attend is None:
             o_BTNH = attention(q_BTNH, k_BTNH, v_BTNH, window=cfg.local_window if kind == "banded" else None,
@@ -165,14 +167,16 @@ def block(cfg: ModelConfig, p: Params, x_BTD: jax.Array, kind: str, key: jax.Arr
         else:
             o_BTNH, a_out = attend(q_BTNH, k_BTNH, v_BTNH)
             aux.append(a_out)
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, a["c_proj"]["kernel"].astype(dt)) + a["c_proj"]["bias"].astype(dt)
+        out_BTD = (jnp.einsum("MNH,NHD->MD", o_BTNH.reshape((B_ * T_,) + o_BTNH.shape[2:]), a["c_proj"]["kernel"].astype(dt))
+                   + a["c_proj"]["bias"].astype(dt)).reshape(B_, T_, D_)
         return dropout(out_BTD, cfg.resid_pdrop, k_res1)
 
     def mlp_branch(h_BTD):
         m = p["mlp"]
-        u_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, m["c_fc"]["kernel"].astype(dt)) + m["c_fc"]["bias"].astype(dt)
-        u_BTF = jax.nn.gelu(u_BTF, approximate=True)
-        out_BTD = jnp.einsum("BTF,FD->BTD", u_BTF, m["c_proj"]["kernel"].astype(dt)) + m["c_proj"]["bias"].astype(dt)
+        B_, T_, D_ = h_BTD.shape
+        u_MF = jnp.einsum("MD,DF->MF", h_BTD.reshape(B_ * T_, D_), m["c_fc"]["kernel"].astype(dt)) + m["c_fc"]["bias"].astype(dt)
+        u_MF = jax.nn.gelu(u_MF, approximate=True)
+        out_BTD = (jnp.einsum("MF,FD->MD", u_MF, m["c_proj"]["kernel"].astype(dt)) + m["c_proj"]["bias"].astype(dt)).reshape(B_, T_, D_)
         return dropout(out_BTD, cfg.resid_pdrop, k_res2)
 
     if cfg.norm == "pre":  # GPT-2/3

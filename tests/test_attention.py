@@ -186,6 +186,45 @@ def test_flash_attention_equals_the_reference_with_its_gradients(B, T, N, H, blo
         np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-4, err_msg=f"d/d{name}")
 
 
+@pytest.mark.parametrize("B, T, N, H, block", [(2, 256, 2, 16, 128), (1, 100, 3, 8, 32), (2, 7, 1, 8, 128),
+                                                (1, 129, 2, 8, 64), (3, 64, 4, 8, 64)])
+def test_dense_attention_equals_the_reference_with_its_gradients(B, T, N, H, block):
+    """dense_attention (the CPU path for short dense layers: [B, N, T, H] layout, query blocks that skip the
+    keys above the diagonal, its own backward pass) equals the reference, with T not a multiple of the block,
+    shorter than one block, and one block exactly."""
+    q, k, v = qkv(B, T, N, H, seed=T + block)
+    dense = lambda q, k, v: att.dense_attention(q, k, v, block)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(dense)(q, k, v), reference(None)(q, k, v), atol=2e-6, rtol=1e-5)
+    loss, grads = loss_and_grads(dense, q, k, v)
+    loss0, grads0 = loss_and_grads(reference(None), q, k, v)
+    np.testing.assert_allclose(loss, loss0, rtol=1e-5)
+    for g, g0, name in zip(grads, grads0, "qkv"):
+        np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-4, err_msg=f"d/d{name}")
+
+
+def test_short_dense_layers_take_dense_attention_and_skip_the_masked_blocks(monkeypatch):
+    """The blockwise path sends dense self-attention shorter than FLASH_MIN_T to dense_attention (not with
+    attention dropout, not with a KV cache's longer keys), and its compiled FLOPs are below the reference's
+    by the key blocks above the diagonal."""
+    calls = []
+    real = att.dense_attention
+    monkeypatch.setattr(att, "dense_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = qkv(1, 96, 2, 8)
+    att.attention(q, k, v, impl="blockwise")
+    assert len(calls) == 1
+    att.attention(q, k, v, impl="blockwise", dropout_rate=0.1, dropout_key=jax.random.key(0))
+    att.attention(q[:, -1:], k, v, impl="blockwise")  # one query against 96 cached keys
+    att.attention(q, k, v, impl="reference")
+    assert len(calls) == 1
+
+    def flops(fn):
+        x = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.float32)
+        return jax.jit(fn).lower(x, x, x).compile().cost_analysis()["flops"]
+
+    ratio = flops(lambda q, k, v: real(q, k, v, 128)) / flops(reference(None))
+    assert 0.55 < ratio < 0.75, ratio  # 4 query blocks see 1, 2, 3, 4 key blocks: 10 of 16
+
+
 def test_flash_attention_dropout_is_its_blocks_masks_in_both_passes():
     """With dropout, the forward and backward passes use the same per-block masks: flash equals masked
     attention built from exactly those masks, and the masks drop about `rate` of the probabilities."""
