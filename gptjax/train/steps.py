@@ -12,13 +12,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import sharding
 from gptjax.config import TrainConfig
 from gptjax.errors import ConfigError
-from gptjax.model import Params, abstract_params, hidden, init_params, logical_axes, unembed, vocab_mask
+from gptjax.model import Params, abstract_params, hidden, init_params, layer_norm, logical_axes, vocab_mask
 from gptjax.optim import make_optimizer, schedule
 
 State = dict[str, Any]
@@ -38,9 +39,9 @@ def output_nats(cfg, params: Params, x_BTD: jax.Array, targets_BT: jax.Array) ->
     mask_V = vocab_mask(cfg)
 
     def nats(x_BCD, t_BC):
-        logits_BCV = unembed(cfg, params, x_BCD) + mask_V
-        logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-        return logz_BC - jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+        if cfg.final_norm:
+            x_BCD = layer_norm(x_BCD, params["ln_f"], cfg.ln_eps)
+        return tied_output_nats(x_BCD, params["wte"]["embedding"], mask_V, t_BC)
 
     B, T, D = x_BTD.shape
     C = cfg.loss_chunk
@@ -51,6 +52,42 @@ def output_nats(cfg, params: Params, x_BTD: jax.Array, targets_BT: jax.Array) ->
     t_nBC = targets_BT.reshape(B, n, C).swapaxes(0, 1)
     nats_nBC = jax.lax.map(jax.checkpoint(lambda xt: nats(*xt)), (x_nBCD, t_nBC))
     return nats_nBC.swapaxes(0, 1).reshape(B, T)
+
+
+@jax.custom_vjp
+def tied_output_nats(x_BTD: jax.Array, wte_VD: jax.Array, mask_V: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """-log softmax(x wte^T + mask)[target] [B, T]: the tied output layer and the cross-entropy as one function
+    with its own backward pass, the same numbers as `unembed` + log-softmax (tests/test_model.py). The backward
+    pass forms d logits = softmax - onehot in one sweep over the [B, T, V] logits (autodiff's takes several) and
+    the weight gradient as x^T g, transposing the [D, V] result rather than the [B*T, V] gradient (XLA's CPU
+    backend otherwise copies the whole gradient into a transposed layout first). Padded vocabulary rows
+    (mask -1e9) get probability 0, so no gradient."""
+    return _tied_output_fwd(x_BTD, wte_VD, mask_V, targets_BT)[0]
+
+
+def _tied_output_fwd(x_BTD, wte_VD, mask_V, targets_BT):
+    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+    logits_BTV = sharding.constrain(logits_BTV, ("batch", "seq", "vocab")) + mask_V
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    nats_BT = logz_BT - jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return nats_BT, (x_BTD, wte_VD, mask_V, targets_BT, logits_BTV, logz_BT)
+
+
+def _tied_output_bwd(res, dnats_BT):
+    x_BTD, wte_VD, mask_V, targets_BT, logits_BTV, logz_BT = res
+    B, T, D = x_BTD.shape
+    onehot_BTV = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
+    g_BTV = (jnp.exp(logits_BTV - logz_BT[..., None]) - onehot_BTV) * dnats_BT[..., None]
+    g_BTV = sharding.constrain(g_BTV.astype(x_BTD.dtype), ("batch", "seq", "vocab"))
+    dx_BTD = jnp.einsum("BTV,VD->BTD", g_BTV, wte_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+    dw_DV = jnp.einsum("MD,MV->DV", x_BTD.reshape(B * T, D), g_BTV.reshape(B * T, -1),
+                       preferred_element_type=jnp.float32)
+    dw_VD = jax.lax.optimization_barrier(dw_DV).T  # the barrier keeps XLA from folding the transpose into the dot
+    int_zero = np.zeros(targets_BT.shape, jax.dtypes.float0)
+    return dx_BTD.astype(x_BTD.dtype), dw_VD.astype(wte_VD.dtype), jnp.zeros_like(mask_V), int_zero
+
+
+tied_output_nats.defvjp(_tied_output_fwd, _tied_output_bwd)
 
 
 def loss_fn(cfg, params: Params, tokens_BT1: jax.Array, dropout_key=None) -> jax.Array:
