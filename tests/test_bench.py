@@ -182,3 +182,21 @@ def test_extrapolate_bands_recovers_an_exact_power_law_and_names_a_missing_run(t
     assert rows['last T/8 positions ("late")'].endswith("(+11.1%) |")  # 1 / 0.9 - 1
     with pytest.raises(SystemExit, match="nope not in"):
         eb.main(args[:-1] + ["nope=1e13"])
+
+
+def test_step_profile_attributes_the_step_to_its_matmuls(tmp_path):
+    """bench/step_profile.py on a toy shape: the trace's ops are matched to the compiled HLO, the output layer's
+    [B*T, V] logits matmul is among them, and the ops' times are positive and below the traced step's (at this
+    size host dispatch and the profiler take most of the step)."""
+    out = tmp_path / "prof.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_profile.py"), "--config", "tiny",
+                           "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=32",
+                           "model.vocab_size=256", "batch_size=4", "--steps", "2", "--json", str(out)],
+                          env=subprocess_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    whats = [r["what"] for r in res["ops"]]
+    assert any(w.startswith("dot f32[128,256]") for w in whats), whats  # logits: 4 x 32 tokens, vocab 256
+    assert all(r["ms"] >= 0 for r in res["ops"]) and len(res["ops"]) > 10
+    assert 0 < res["ops_ms_sum"] < 2 * res["step_ms_traced"], res
+    assert "traced step" in proc.stdout
