@@ -582,7 +582,7 @@ def sweep(sw: SweepConfig, sweep_dir: str | Path, overrides: list[str] | None = 
     def finished(p: Point, ok: bool, seconds: float | None = None) -> None:
         if not ok and p.group != "lr":
             failed.append(p.name)
-        bar.update(p.flops / 1e12)
+        bar.update(min(p.flops / 1e12, bar.total - bar.n))  # float sums: never past the total (tqdm warns)
         write_results(sw, points, sweep_dir)
         if seconds is not None:
             s = json.loads((Path(p.cfg.run_dir) / "summary.json").read_text()) if ok else {}
