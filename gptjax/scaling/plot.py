@@ -105,7 +105,12 @@ def plot(sweep_dir: str | Path, out_dir: str | Path | None = None, fits: dict | 
     if pred:
         plo, phi = pred.get("predicted_loss_ci", [pred["predicted_loss"]] * 2)
         ax.errorbar(pred["C"], pred["predicted_loss"], yerr=[[pred["predicted_loss"] - plo], [phi - pred["predicted_loss"]]],
-                    fmt="*", color="tab:orange", ms=12, capsize=3, label="predicted (fit on <= 1/10 compute)")
+                    fmt="*", color="tab:orange", ms=12, capsize=3, label="predicted by L(N, D) (fit on <= 1/10 compute)")
+        if "predicted_loss_Cmin" in pred:  # the offset-free law on the isoFLOP minima (fitted in training FLOPs)
+            y = pred["predicted_loss_Cmin"]
+            mlo, mhi = pred.get("predicted_loss_Cmin_ci", [y, y])
+            ax.errorbar(pred["C"] * 1.12, y, yerr=[[y - mlo], [mhi - y]], fmt="D", color="tab:green", ms=7,
+                        capsize=3, label="predicted by (C_c/C)^alpha on the isoFLOP minima")
         if "actual_loss" in pred:
             ax.scatter(pred["C"], pred["actual_loss"], marker="x", color="tab:red", s=80, label="measured", zorder=5)
     ax.axvspan(lo, hi, color="0.93", zorder=0, label="measured compute range")
