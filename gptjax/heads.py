@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.config import ModelConfig
-from gptjax.model import Params, embed, layer_norm, run_blocks
+from gptjax.model import Params, embed, final_norm, run_blocks
 
 
 def init_task_head(cfg: ModelConfig, num_outputs: int, key: jax.Array) -> Params:
@@ -35,10 +35,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *, dro
     x_BTD = embed(cfg, params, tokens_BT, dropout_key=k_emb)
     if offset_BTD is not None:
         x_BTD = x_BTD + offset_BTD.astype(x_BTD.dtype)
-    x_BTD = run_blocks(cfg, params["h"], x_BTD, keys_L)
-    if cfg.final_norm:
-        x_BTD = layer_norm(x_BTD, params["ln_f"], cfg.ln_eps)
-    return x_BTD
+    return final_norm(cfg, params, run_blocks(cfg, params["h"], x_BTD, keys_L))
 
 
 def task_logits(head: Params, h_BD: jax.Array) -> jax.Array:

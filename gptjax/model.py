@@ -157,9 +157,7 @@ def block(cfg: ModelConfig, p: Params, x_BTD: jax.Array, kind: str, key: jax.Arr
 
     def attn_branch(h_BTD):
         a = p["attn"]
-        B_, T_, D_ = h_BTD.shape
-        qkv_BTKNH = (jnp.einsum("MD,DKNH->MKNH", h_BTD.reshape(B_ * T_, D_), a["c_attn"]["kernel"].astype(dt))
-                     + a["c_attn"]["bias"].astype(dt)).reshape((B_, T_) + a["c_attn"]["bias"].shape)
+        qkv_BTKNH = jnp.einsum("BTD,DKNH->BTKNH", h_BTD, a["c_attn"]["kernel"].astype(dt)) + a["c_attn"]["bias"].astype(dt)
         q_BTNH, k_BTNH, v_BTNH = qkv_BTKNH[:, :, 0], qkv_BTKNH[:, :, 1], qkv_BTKNH[:, :, 2]
         if attend is None:
             o_BTNH = attention(q_BTNH, k_BTNH, v_BTNH, window=cfg.local_window if kind == "banded" else None,
@@ -167,8 +165,7 @@ def block(cfg: ModelConfig, p: Params, x_BTD: jax.Array, kind: str, key: jax.Arr
         else:
             o_BTNH, a_out = attend(q_BTNH, k_BTNH, v_BTNH)
             aux.append(a_out)
-        out_BTD = (jnp.einsum("MNH,NHD->MD", o_BTNH.reshape((B_ * T_,) + o_BTNH.shape[2:]), a["c_proj"]["kernel"].astype(dt))
-                   + a["c_proj"]["bias"].astype(dt)).reshape(B_, T_, D_)
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, a["c_proj"]["kernel"].astype(dt)) + a["c_proj"]["bias"].astype(dt)
         return dropout(out_BTD, cfg.resid_pdrop, k_res1)
 
     def mlp_branch(h_BTD):
@@ -228,13 +225,20 @@ def embed(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, positions_BT: 
     return constrain(x_BTD, ("batch", "seq", "embed"))
 
 
-def unembed(cfg: ModelConfig, params: Params, x_BTD: jax.Array) -> jax.Array:
-    """Final norm and the output layer, tied to the input embedding: float32 logits [B, T, V]."""
-    if cfg.final_norm:
-        x_BTD = layer_norm(x_BTD, params["ln_f"], cfg.ln_eps)
-    wte_VD = params["wte"]["embedding"]
+def final_norm(cfg: ModelConfig, params: Params, x_BTD: jax.Array) -> jax.Array:
+    """ln_f where the model has one (GPT-2/3), else x unchanged (GPT-1): what the output layers read."""
+    return layer_norm(x_BTD, params["ln_f"], cfg.ln_eps) if cfg.final_norm else x_BTD
+
+
+def tied_logits(x_BTD: jax.Array, wte_VD: jax.Array) -> jax.Array:
+    """The output layer, tied to the input embedding: float32 logits [B, T, V]."""
     logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
     return constrain(logits_BTV, ("batch", "seq", "vocab"))
+
+
+def unembed(cfg: ModelConfig, params: Params, x_BTD: jax.Array) -> jax.Array:
+    """Final norm and the output layer, tied to the input embedding: float32 logits [B, T, V]."""
+    return tied_logits(final_norm(cfg, params, x_BTD), params["wte"]["embedding"])
 
 
 def forward(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,

@@ -173,17 +173,21 @@ def test_auto_picks_the_backend_of_the_platform():
     assert config.ModelConfig().attention_impl == "auto"
 
 
-@pytest.mark.parametrize("B, T, N, H, block", [(2, 100, 3, 8, 16), (1, 64, 2, 16, 64), (1, 7, 1, 8, 128),
-                                                (2, 129, 2, 8, 32)])
-def test_flash_attention_equals_the_reference_with_its_gradients(B, T, N, H, block):
-    q, k, v = qkv(B, T, N, H, seed=T)
-    flash = lambda q, k, v: att.flash_attention(q, k, v, block)  # noqa: E731
-    np.testing.assert_allclose(jax.jit(flash)(q, k, v), reference(None)(q, k, v), atol=2e-6, rtol=1e-5)
-    loss, grads = loss_and_grads(flash, q, k, v)
+def assert_dense_causal_equals_the_reference(fn, q, k, v):
+    """fn(q, k, v) equals dense causal reference attention: the output, a weighted loss and its gradients."""
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v), reference(None)(q, k, v), atol=2e-6, rtol=1e-5)
+    loss, grads = loss_and_grads(fn, q, k, v)
     loss0, grads0 = loss_and_grads(reference(None), q, k, v)
     np.testing.assert_allclose(loss, loss0, rtol=1e-5)
     for g, g0, name in zip(grads, grads0, "qkv"):
         np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-4, err_msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("B, T, N, H, block", [(2, 100, 3, 8, 16), (1, 64, 2, 16, 64), (1, 7, 1, 8, 128),
+                                                (2, 129, 2, 8, 32)])
+def test_flash_attention_equals_the_reference_with_its_gradients(B, T, N, H, block):
+    assert_dense_causal_equals_the_reference(lambda q, k, v: att.flash_attention(q, k, v, block),
+                                             *qkv(B, T, N, H, seed=T))
 
 
 @pytest.mark.parametrize("B, T, N, H, block", [(2, 256, 2, 16, 128), (1, 100, 3, 8, 32), (2, 7, 1, 8, 128),
@@ -192,14 +196,8 @@ def test_dense_attention_equals_the_reference_with_its_gradients(B, T, N, H, blo
     """dense_attention (the CPU path for short dense layers: [B, N, T, H] layout, query blocks that skip the
     keys above the diagonal, its own backward pass) equals the reference, with T not a multiple of the block,
     shorter than one block, and one block exactly."""
-    q, k, v = qkv(B, T, N, H, seed=T + block)
-    dense = lambda q, k, v: att.dense_attention(q, k, v, block)  # noqa: E731
-    np.testing.assert_allclose(jax.jit(dense)(q, k, v), reference(None)(q, k, v), atol=2e-6, rtol=1e-5)
-    loss, grads = loss_and_grads(dense, q, k, v)
-    loss0, grads0 = loss_and_grads(reference(None), q, k, v)
-    np.testing.assert_allclose(loss, loss0, rtol=1e-5)
-    for g, g0, name in zip(grads, grads0, "qkv"):
-        np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-4, err_msg=f"d/d{name}")
+    assert_dense_causal_equals_the_reference(lambda q, k, v: att.dense_attention(q, k, v, block),
+                                             *qkv(B, T, N, H, seed=T + block))
 
 
 def test_short_dense_layers_take_dense_attention_and_skip_the_masked_blocks(monkeypatch):

@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gptjax import sharding
 from gptjax.config import TrainConfig
 from gptjax.errors import ConfigError
-from gptjax.model import Params, abstract_params, hidden, init_params, layer_norm, logical_axes, vocab_mask
+from gptjax.model import (Params, abstract_params, final_norm, hidden, init_params, logical_axes, tied_logits,
+                          vocab_mask)
 from gptjax.optim import make_optimizer, schedule
 
 State = dict[str, Any]
@@ -39,9 +40,7 @@ def output_nats(cfg, params: Params, x_BTD: jax.Array, targets_BT: jax.Array) ->
     mask_V = vocab_mask(cfg)
 
     def nats(x_BCD, t_BC):
-        if cfg.final_norm:
-            x_BCD = layer_norm(x_BCD, params["ln_f"], cfg.ln_eps)
-        return tied_output_nats(x_BCD, params["wte"]["embedding"], mask_V, t_BC)
+        return tied_output_nats(final_norm(cfg, params, x_BCD), params["wte"]["embedding"], mask_V, t_BC)
 
     B, T, D = x_BTD.shape
     C = cfg.loss_chunk
@@ -66,8 +65,7 @@ def tied_output_nats(x_BTD: jax.Array, wte_VD: jax.Array, mask_V: jax.Array, tar
 
 
 def _tied_output_fwd(x_BTD, wte_VD, mask_V, targets_BT):
-    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
-    logits_BTV = sharding.constrain(logits_BTV, ("batch", "seq", "vocab")) + mask_V
+    logits_BTV = tied_logits(x_BTD, wte_VD) + mask_V
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     nats_BT = logz_BT - jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return nats_BT, (x_BTD, wte_VD, mask_V, targets_BT, logits_BTV, logz_BT)
