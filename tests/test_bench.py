@@ -78,6 +78,80 @@ def test_finetune_analyses_pool_names_a_failed_runs_log_and_sizes_are_checked(tm
     assert not (tmp_path / "runs" / "b.log").exists()
 
 
+def _finetune_analyses():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_analyses", REPO / "bench" / "finetune_analyses.py")
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+    return fa
+
+
+def test_finetune_analyses_averages_seeds_with_the_larger_error_and_pairs_the_ablations():
+    """Each cell is the mean over the seeds that ran it; its error is the larger of the spread over seeds and the
+    items' own error; the pretraining and aux-LM effects are per-seed paired differences; a task run with one
+    seed keeps that seed's numbers; Figure 2 averages each k (JSON's string keys too)."""
+    import math
+
+    import pytest
+
+    from gptjax.errors import ConfigError
+
+    fa = _finetune_analyses()
+    (pre, lam0, rnd) = (r[0] for r in fa.ROWS)
+
+    def row(p, l0, r, se=0.02, z=0.5):
+        cell = lambda v: {"acc": v, "stderr": se, "steps": 10}  # noqa: E731
+        return {"metric": "acc", "baseline": {"name": "majority", "acc": 0.3, "acc_stderr": 0.0},
+                "zero-shot": {"acc": z, "acc_stderr": se, "how": "likelihood"}, "n_train": 100, "n_val": 50,
+                "dropped": [0, 0], pre: cell(p), lam0: cell(l0), rnd: cell(r)}
+
+    per_seed = {0: {"table5": {"a": row(0.80, 0.70, 0.60), "b": row(0.4, 0.5, 0.3)},
+                    "figure2": {0: {"value": 0.3, "stderr": 0.01, "metric": "acc"},
+                                1: {"value": 0.5, "stderr": 0.01, "metric": "acc"}}},
+                1: {"table5": {"a": row(0.90, 0.92, 0.70)},
+                    "figure2": {"0": {"value": 0.5, "stderr": 0.01, "metric": "acc"},
+                                "1": {"value": 0.5, "stderr": 0.01, "metric": "acc"}}}}
+    out = fa.aggregate(per_seed, [0, 1])
+    a = out["table5"]["a"][pre]
+    assert a["acc"] == pytest.approx(0.85) and a["seeds"] == [0.80, 0.90]
+    assert a["stderr"] == pytest.approx(0.05)  # the spread over seeds (std 0.0707 / sqrt 2) beats the items' 0.0141
+    b = out["table5"]["b"]
+    assert b["seeds"] == [0] and b[pre]["acc"] == 0.4 and b[pre]["stderr"] == pytest.approx(0.02)  # one seed: items
+    eff = out["effects"]["a"]
+    assert eff["pretraining"]["seeds"] == pytest.approx([0.2, 0.2]) and eff["pretraining"]["positive"] == 2
+    assert eff["pretraining"]["stderr"] == pytest.approx(math.hypot(0.02, 0.02) * math.sqrt(2) / 2)  # no spread
+    assert eff["aux_lm"]["seeds"] == pytest.approx([0.1, -0.02]) and eff["aux_lm"]["positive"] == 1
+    assert out["effects"]["b"]["aux_lm"]["positive"] == 0 and out["effects"]["b"]["aux_lm"]["of"] == 1
+    f2 = out["figure2"]
+    assert f2[0]["value"] == pytest.approx(0.4) and f2[0]["stderr"] == pytest.approx(0.1)
+    assert f2[1]["value"] == pytest.approx(0.5) and f2[1]["stderr"] == pytest.approx(math.sqrt(2) * 0.01 / 2)
+
+    class Args:
+        seed, seeds = None, "0,1,2"
+    assert fa._seed_list(Args) == [0, 1, 2]
+    Args.seed = 5
+    assert fa._seed_list(Args) == [5]
+    Args.seed, Args.seeds = None, "1,1"
+    with pytest.raises(ConfigError, match="distinct integers"):
+        fa._seed_list(Args)
+
+
+def test_overlap_reference_picks_the_choice_that_shares_the_signatures_names():
+    """The model-free reference of a multiple-choice task: the choice sharing most identifiers with the context
+    wins (keywords and self do not count)."""
+    from gptjax.finetune.task import Example, FinetuneTask
+
+    fa = _finetune_analyses()
+    val = [Example(("def area(width, height):", ""), 2, ("return self.x", "pass", "return width * height",
+                                                         "return None")),
+           Example(("def push(self, item):", ""), 0, ("self.items.append(item)", "return self", "x = 1", "pass"))]
+    ref = fa.overlap_reference(FinetuneTask("t", "multiple_choice", [], val))
+    assert ref["acc"] == 1.0 and ref["name"].startswith("identifier overlap")
+    swapped = [Example(e.segments, (e.label + 1) % 4, e.choices) for e in val]
+    assert fa.overlap_reference(FinetuneTask("t", "multiple_choice", [], swapped))["acc"] == 0.0
+
+
 def test_finetune_analyses_pool_stops_the_other_runs_when_one_fails(tmp_path, monkeypatch):
     """A failed run stops the runs still going: no child is left running after the pool raises."""
     import importlib.util
