@@ -182,6 +182,37 @@ def test_minima_law_recovers_the_compute_optimal_loss_exponent():
     assert envelope[0]["name"].endswith("-0")  # the envelope starts at a budget's worst (cheapest) point
 
 
+def test_backtest_holds_out_the_last_budgets_and_measures_the_seed_noise():
+    """On points drawn from a Chinchilla law, L(N, D) fitted without the last budget(s) predicts them to well
+    under 1% and its residuals sit at the noise; the offset-free minima law, wrong for a law with E > 0, misses
+    the held-out minima by more; the seed noise is the pooled relative std of the repeated points."""
+    budgets = [1e17, 1e18, 1e19, 1e20, 1e21]
+    recs = isoflop_points(CHINCHILLA, budgets, noise=0.002, seed=3)
+    for r in recs:
+        r["size"] = f"n{r['name'].split('-')[-1]}"
+    rng = np.random.default_rng(9)
+    repeats = [dict(r, val_loss=r["val_loss"] * math.exp(rng.normal(0, 0.002)), name=r["name"] + "-s1")
+               for r in recs if r["name"].endswith("-3")]
+    noise = scaling.seed_noise(recs + repeats)
+    groups = [(r["val_loss"], q["val_loss"]) for r in recs for q in repeats if q["name"] == r["name"] + "-s1"]
+    want = math.sqrt(sum(((a - (a + b) / 2) ** 2 + (b - (a + b) / 2) ** 2) / ((a + b) / 2) ** 2 for a, b in groups)
+                     / len(groups))
+    assert noise == pytest.approx(want, rel=1e-9) and 0.0005 < noise < 0.006
+    assert scaling.seed_noise(recs) is None
+    one, two = (scaling.backtest(recs, held=h) for h in (1, 2))
+    assert one["held_out"] == [1e21] and two["held_out"] == [1e20, 1e21] and two["fitted_budgets"] == 3
+    for t in (one, two):
+        p = t["L_ND"]
+        assert len(p["errors"]) == 7 * len(t["held_out"]) and p["mean_abs_error"] < 0.01
+        assert all(abs(e) < 0.01 for e in p["best_point_errors"].values())
+        assert p["in_sample_rms"] < 0.005
+    assert set(one["L_Cmin"]["errors"]) == {"min@1e+21"}
+    assert abs(one["L_Cmin"]["errors"]["min@1e+21"]) > one["L_ND"]["mean_abs_error"]
+    lines = scaling.summarize_fits({"points": len(recs), "huber_delta": 1e-3, "bootstrap": 0, "backtest": [one, two]})
+    assert "backtest, fitted on 4 budgets, predicting 1e+21" in lines and "in-sample residuals" in lines
+    assert scaling.backtest([r for r in recs if r["budget"] < 1e19], held=1) is None  # 2 budgets: too few
+
+
 def test_fitted_laws_are_drawn_solid_only_inside_their_range():
     import matplotlib
 

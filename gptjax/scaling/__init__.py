@@ -26,9 +26,9 @@ skipped, so rerunning a sweep resumes it. `SWEEP_DIR/results.jsonl` holds one re
 """
 
 from gptjax.errors import SweepError
-from gptjax.scaling.fit import (HUBER_DELTA, approach2_n_opt, chinchilla_loss, compute_optimal, fit_all,
+from gptjax.scaling.fit import (HUBER_DELTA, approach2_n_opt, backtest, chinchilla_loss, compute_optimal, fit_all,
                                 fit_approach2, fit_capability, fit_chinchilla, fit_lse, fit_minima_law, fit_power_law,
-                                frontier, isoflop_minima, minima_frontier, power_law, summarize_fits)
+                                frontier, isoflop_minima, minima_frontier, power_law, seed_noise, summarize_fits)
 from gptjax.scaling.plot import plot
 from gptjax.scaling.predict import predict
 from gptjax.scaling.sweep import (MEASURES, N_COUNTS, CapabilitySpec, ExtraSeedsSpec, IsoflopSpec, LadderSpec,
@@ -36,10 +36,10 @@ from gptjax.scaling.sweep import (MEASURES, N_COUNTS, CapabilitySpec, ExtraSeeds
                                   list_sweeps, load_results, load_sweep, measure_capability, plan_points, record,
                                   size_name, sweep, sweeps_dir, train_point, tune_lrs, validate_sweep, write_results)
 
-__all__ = ["SweepError", "HUBER_DELTA", "approach2_n_opt", "chinchilla_loss", "compute_optimal", "fit_all",
+__all__ = ["SweepError", "HUBER_DELTA", "approach2_n_opt", "backtest", "chinchilla_loss", "compute_optimal", "fit_all",
            "fit_approach2", "fit_capability", "fit_chinchilla", "fit_lse", "fit_minima_law", "fit_power_law", "frontier",
            "isoflop_minima", "minima_frontier",
-           "power_law", "summarize_fits", "plot", "predict", "MEASURES", "N_COUNTS", "CapabilitySpec", "ExtraSeedsSpec",
+           "power_law", "seed_noise", "summarize_fits", "plot", "predict", "MEASURES", "N_COUNTS", "CapabilitySpec", "ExtraSeedsSpec",
            "IsoflopSpec", "LadderSpec", "LrSweepSpec", "Point", "PredictSpec", "SizeSpec", "SweepConfig", "describe",
            "is_finished", "list_sweeps", "load_results", "load_sweep", "measure_capability", "plan_points", "record",
            "size_name", "sweep", "sweeps_dir", "train_point", "tune_lrs", "validate_sweep", "write_results"]

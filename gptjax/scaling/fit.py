@@ -364,6 +364,64 @@ def fit_capability(points: list[dict], *, key: str = "flops", metric: str = "cap
     return p
 
 
+def seed_noise(points: list[dict], metric: str = "val_loss") -> float | None:
+    """The pooled relative standard deviation of `metric` over points trained more than once (same budget, size
+    and tokens, other seeds): the noise floor any law's residuals are measured against; None without repeats."""
+    groups: dict = {}
+    for r in points:
+        groups.setdefault((r.get("budget"), r.get("size"), r["tokens"]), []).append(r[metric])
+    sq, dof = 0.0, 0
+    for v in groups.values():
+        if len(v) > 1:
+            m = float(np.mean(v))
+            sq += float(sum(((x - m) / m) ** 2 for x in v))
+            dof += len(v) - 1
+    return math.sqrt(sq / dof) if dof else None
+
+
+def backtest(points: list[dict], *, n_key: str = "N", held: int = 1) -> dict | None:
+    """How each loss law extrapolates inside the sweep: fitted on every isoFLOP budget but the last `held`, it
+    predicts those budgets. For L(N, D) (approach 3): the relative error at each held-out point, their mean
+    absolute error, and the error at each held-out budget's best measured point (the kind of point a prediction
+    targets); with its in-sample relative residuals (rms) on all the points beside the seed noise. For the
+    minima law: the relative error at each held-out budget's parabola minimum. A law that misses budgets inside
+    the sweep will not hold 10x beyond it; residuals well above the seed noise mean its form does not fit."""
+    iso = [r for r in points if r.get("budget")]
+    budgets = sorted({r["budget"] for r in iso})
+    if len(budgets) < held + 3:
+        return None
+    out_budgets = budgets[-held:]
+    fit_pts = [r for r in iso if r["budget"] not in out_budgets]
+    test = [r for r in iso if r["budget"] in out_budgets]
+    out: dict[str, Any] = {"held_out": [float(b) for b in out_budgets], "fitted_budgets": len(budgets) - held,
+                           "seed_noise": seed_noise(iso)}
+
+    def rel(pred, actual):
+        return float((pred - actual) / actual)
+
+    if len(fit_pts) >= 6:
+        ch = fit_chinchilla([r[n_key] for r in fit_pts], [r["tokens"] for r in fit_pts],
+                            [r["val_loss"] for r in fit_pts])
+        errs = [rel(float(chinchilla_loss(ch, r[n_key], r["tokens"])), r["val_loss"]) for r in test]
+        best = [min((r for r in test if r["budget"] == b), key=lambda r: r["val_loss"]) for b in out_budgets]
+        full = fit_chinchilla([r[n_key] for r in iso], [r["tokens"] for r in iso], [r["val_loss"] for r in iso])
+        inside = [rel(float(chinchilla_loss(full, r[n_key], r["tokens"])), r["val_loss"]) for r in iso]
+        out["L_ND"] = {"E": ch["E"], "alpha": ch["alpha"], "beta": ch["beta"],
+                       "errors": {r["name"]: e for r, e in zip(test, errs)},
+                       "mean_abs_error": float(np.mean(np.abs(errs))),
+                       "best_point_errors": {r["name"]: rel(float(chinchilla_loss(ch, r[n_key], r["tokens"])),
+                                                            r["val_loss"]) for r in best},
+                       "in_sample_rms": float(np.sqrt(np.mean(np.square(inside))))}
+    mins = minima_frontier(fit_pts)
+    if len(mins) >= 3:
+        law = fit_power_law([m["budget"] for m in mins], [m["val_loss"] for m in mins], offset=False)
+        held_mins = [m for m in minima_frontier(iso) if m["budget"] in out_budgets]
+        out["L_Cmin"] = {"alpha": law["alpha"],
+                         "errors": {m["name"]: rel(float(power_law(law, m["budget"])), m["val_loss"])
+                                    for m in held_mins}}
+    return out
+
+
 def fit_all(recs: list[dict], *, bootstrap: int = 200, seed: int = 0, n_count: str | None = None) -> dict:
     """Every fit the records support: L(N) on the ladder, L(C) on the frontier, L(N, D) on everything,
     isoFLOP minima and compute-optimal allocations."""
@@ -407,6 +465,9 @@ def fit_all(recs: list[dict], *, bootstrap: int = 200, seed: int = 0, n_count: s
                 law = fit_minima_law(recs, metric, bootstrap=bootstrap, seed=seed)
                 law.pop("samples", None)
                 out[key] = law
+    tests = [t for t in (backtest(recs, held=h) for h in (1, 2)) if t]
+    if tests:
+        out["backtest"] = tests
     return out
 
 
@@ -457,4 +518,26 @@ def summarize_fits(f: dict) -> str:
         p = f["capability"]
         lines.append(f"capability: -E[log p(correct)] = {p['alpha_c']:.4g} C^-{ci(p, 'alpha')} on the "
                      f"{len(p['frontier'])}-point frontier (C = exact training FLOPs)")
+    lines += backtest_lines(f)
     return "\n".join(lines)
+
+
+def backtest_lines(f: dict) -> list[str]:
+    """One line per backtest: each law fitted without the last budget(s), its error on them."""
+    lines = []
+    for t in f.get("backtest", []):
+        held = ", ".join(f"{b:.2g}" for b in t["held_out"])
+        parts = []
+        if "L_ND" in t:
+            p = t["L_ND"]
+            parts.append(f"L(N, D) (E = {p['E']:.3g}) mean |error| {p['mean_abs_error']:.1%} over the held-out points, "
+                         + ", ".join(f"{e:+.1%} at {n}" for n, e in p["best_point_errors"].items()))
+        if "L_Cmin" in t:
+            parts.append("minima law " + ", ".join(f"{e:+.1%} at {n}" for n, e in t["L_Cmin"]["errors"].items()))
+        lines.append(f"backtest, fitted on {t['fitted_budgets']} budgets, predicting {held}: " + "; ".join(parts))
+    if f.get("backtest") and "L_ND" in f["backtest"][0]:
+        t = f["backtest"][0]
+        noise = t["seed_noise"]
+        lines.append(f"L(N, D) in-sample residuals: rms {t['L_ND']['in_sample_rms']:.2%} of the loss"
+                     + (f", against a seed noise of {noise:.2%}" if noise is not None else ""))
+    return lines

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptjax.scaling.fit import backtest_lines
 from gptjax.scaling.sweep import load_results
 
 
@@ -65,6 +66,10 @@ def report(sweep_dir: str | Path) -> str:
                     f"E = {_ci(p, 'E')}, A = {_ci(p, 'A')}, B = {_ci(p, 'B')}, alpha = {_ci(p, 'alpha')}, "
                     f"beta = {_ci(p, 'beta')}; N_opt ~ C^{_ci(p, 'a')}."]
         out.append("")
+
+    if fits.get("backtest"):
+        out += ["### Backtest: each loss law fitted without the last budget(s), predicting them", ""]
+        out += [f"- {line}" for line in backtest_lines(fits)] + [""]
 
     by_point: dict[tuple, list[dict]] = {}
     for r in recs:
