@@ -14,6 +14,7 @@ from conftest import REPO, run_script
 
 from gptjax import scaling
 from gptjax.scaling import SweepError
+from gptjax.scaling.sweep import PINNED_SPEED
 
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
@@ -268,6 +269,13 @@ def test_shipped_sweeps_plan_within_their_promises(tmp_path):
     assert groups[0] == "lr" and groups.index("isoflop") > max(i for i, g in enumerate(groups) if g == "lr")
     assert all(p.lr_pending for p in cpu if p.group not in ("lr",)) and not any(p.lr_pending for p in cpu if p.group == "lr")
     assert {p.seed for p in cpu} == {0, 1, 2} and sw.capability.task == "code-cloze"
+    # the dry run's estimate: the sweep's points on one core each, two at a time; the prediction point alone
+    (pred,) = [p for p in cpu if p.group == "predict"]
+    last = scaling.describe(cpu, sw.n_count, 0.04, 8.0, 2).splitlines()[-1]
+    pool = sum(p.flops / (0.04 * PINNED_SPEED * 1e12) + 8.0 for p in cpu if p.group != "predict") / 2
+    alone = pred.flops / (0.04 * 1e12) + 8.0
+    assert f"{pool / 60:.0f} min for the sweep, 2 at a time" in last and f"{alone / 60:.0f} min for the prediction" in last
+    assert f"about {(pool + alone) / 60:.0f} min" in last
 
 
 def test_sweep_config_errors_are_clear(tmp_path):

@@ -33,12 +33,12 @@ def main(argv=None) -> int:
     s = sub.add_parser("sweep", help="train every ladder and isoFLOP point not yet finished")
     common(s)
     s.add_argument("--dry-run", action="store_true", help="print the planned points and train nothing")
-    s.add_argument("--tflops", type=float, default=0.02,
-                   help="effective TFLOP/s for --dry-run's time estimate (2-core CPU: about 0.02 for the cpu-ladder's "
-                        "small models, measured; more for wider ones)")
-    s.add_argument("--overhead", type=float, default=13.0,
+    s.add_argument("--tflops", type=float, default=0.038,
+                   help="effective TFLOP/s on every core for --dry-run's time estimate (2-core CPU: 0.038 for the "
+                        "cpu-ladder's small models, measured 2026-12-04: docs/scaling.md; more for wider ones)")
+    s.add_argument("--overhead", type=float, default=8.0,
                    help="seconds per point for --dry-run's estimate: start-up, compilation, evaluation, checkpoint, "
-                        "capability scoring")
+                        "capability scoring (8.3 measured on the cpu-ladder)")
     s.add_argument("--jobs", type=int, default=1,
                    help="train this many points at a time, each in a child process pinned to a core of its own "
                         "(CPU: 2 on the 2-core machine, 1.3x the throughput; keep 1 on a GPU)")

@@ -396,24 +396,31 @@ PINNED_SPEED = 0.65  # a point's speed on one pinned core / on two cores (measur
 
 def describe(points: list[Point], n_count: str = "non_embedding", tflops: float = 0.0, overhead_s: float = 0.0,
              jobs: int = 1) -> str:
-    """A table of the planned points; with `tflops` (effective FLOP/s / 1e12), an estimated time each (plus
-    `overhead_s` per point for compilation, evaluation and checkpoints). With `jobs` > 1 each point runs on one
-    core, at PINNED_SPEED of the two-core rate, `jobs` at a time."""
+    """A table of the planned points; with `tflops` (effective FLOP/s / 1e12 on every core), an estimated time
+    each (plus `overhead_s` per point for compilation, evaluation, checkpoints and capability scoring). With
+    `jobs` > 1 each sweep point runs on one core, at PINNED_SPEED of the every-core rate, `jobs` at a time; the
+    prediction point (`predict` trains it alone, after the sweep) at the every-core rate."""
     rows = [f"{'point':<28} {'N':>9} {'steps':>6} {'D':>7} {'C=6ND':>9} {'FLOPs':>9} {'lr':>8}"
             + ("  est." if tflops else "")]
-    total = 0.0
-    speed = tflops * (PINNED_SPEED if jobs > 1 else 1.0)
+    pool = alone = 0.0
     for p in points:
+        speed = tflops * (PINNED_SPEED if jobs > 1 and p.group != "predict" else 1.0)
         est = p.flops / (speed * 1e12) + overhead_s if tflops else 0.0
-        total += est
+        if p.group == "predict":
+            alone += est
+        else:
+            pool += est / max(jobs, 1)
         lr = "tuned" if p.lr_pending else f"{p.cfg.optim.lr:.3g}"
         rows.append(f"{p.name:<28} {_fmt_tokens(p.n(n_count)):>9} {p.cfg.steps:>6} {_fmt_tokens(p.tokens):>7} "
                     f"{6 * p.n(n_count) * p.tokens:>9.2e} {p.flops:>9.2e} {lr:>8}"
                     + (f"  {est / 60:5.1f} min" if tflops else ""))
-    par = f", {jobs} at a time on one core each" if jobs > 1 else ""
-    rows.append(f"{len(points)} points, {sum(p.flops for p in points):.2e} training FLOPs"
-                + (f", about {total / max(jobs, 1) / 60:.0f} min at {tflops} TFLOP/s + {overhead_s:g} s per point"
-                   f"{par}" if tflops else ""))
+    line = f"{len(points)} points, {sum(p.flops for p in points):.2e} training FLOPs"
+    if tflops:
+        par = f", {jobs} at a time on one core each" if jobs > 1 else ""
+        line += (f", about {(pool + alone) / 60:.0f} min at {tflops} TFLOP/s + {overhead_s:g} s per point: "
+                 f"{pool / 60:.0f} min for the sweep{par}"
+                 + (f", {alone / 60:.0f} min for the prediction point (`predict`, alone)" if alone else ""))
+    rows.append(line)
     return "\n".join(rows)
 
 
