@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds N)")
     p.add_argument("--single-seed", default="code-body", metavar="TASKS",
                    help="tasks run with the first seed only: code-body's held-out pool (108 functions) is smaller "
-                        "than n_val, so every seed draws the same validation items")
+                        "than n_val, so every seed draws nearly the same validation items")
     p.add_argument("--plot-only", action="store_true", help="redraw OUT's plots and table from OUT/results.json")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="fine-tuning overrides for every run")
     args = p.parse_intermixed_args(argv)
@@ -146,10 +146,9 @@ def aggregate(per_seed: dict, seeds: list[int]) -> dict:
         for label, _, _ in ROWS:
             cell[label] = _cell([r[label][key] for r in rows], [r[label]["stderr"] for r in rows], key,
                                 steps=[r[label]["steps"] for r in rows])
-        for col in ("reference",):
-            if col in rows[0]:
-                cell[col] = _cell([r[col][key] for r in rows], [r[col][f"{key}_stderr"] for r in rows], key,
-                                  name=rows[0][col]["name"])
+        if "reference" in rows[0]:
+            cell["reference"] = _cell([r["reference"][key] for r in rows],
+                                      [r["reference"][f"{key}_stderr"] for r in rows], key, name=rows[0]["reference"]["name"])
         table5[name] = cell
         eff = {}
         for what, (a, b) in (("pretraining", (ROWS[0][0], ROWS[2][0])), ("aux_lm", (ROWS[0][0], ROWS[1][0]))):

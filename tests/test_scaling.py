@@ -190,7 +190,7 @@ def test_backtest_holds_out_the_last_budgets_and_measures_the_seed_noise():
     budgets = [1e17, 1e18, 1e19, 1e20, 1e21]
     recs = isoflop_points(CHINCHILLA, budgets, noise=0.002, seed=3)
     for r in recs:
-        r["size"] = f"n{r['name'].split('-')[-1]}"
+        r["size"], r["group"] = f"n{r['name'].split('-')[-1]}", "isoflop"
     rng = np.random.default_rng(9)
     repeats = [dict(r, val_loss=r["val_loss"] * math.exp(rng.normal(0, 0.002)), name=r["name"] + "-s1")
                for r in recs if r["name"].endswith("-3")]
@@ -209,8 +209,12 @@ def test_backtest_holds_out_the_last_budgets_and_measures_the_seed_noise():
         assert p["in_sample_rms"] < 0.005
     assert set(one["L_Cmin"]["errors"]) == {"min@1e+21"}
     assert abs(one["L_Cmin"]["errors"]["min@1e+21"]) > one["L_ND"]["mean_abs_error"]
-    lines = scaling.summarize_fits({"points": len(recs), "huber_delta": 1e-3, "bootstrap": 0, "backtest": [one, two]})
+    fits = scaling.fit_all(recs + repeats, bootstrap=0)
+    assert fits["backtest"][0]["held_out"] == [1e21] and fits["seed_noise"] == pytest.approx(noise, rel=1e-12)
+    assert fits["L_ND"]["in_sample_rms"] < 0.005
+    lines = scaling.summarize_fits(fits)
     assert "backtest, fitted on 4 budgets, predicting 1e+21" in lines and "in-sample residuals" in lines
+    assert f"against a seed noise of {noise:.2%}" in lines
     assert scaling.backtest([r for r in recs if r["budget"] < 1e19], held=1) is None  # 2 budgets: too few
 
 

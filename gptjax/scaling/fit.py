@@ -181,7 +181,10 @@ def fit_chinchilla(N, D, L, *, bootstrap: int = 0, seed: int = 0, n_starts: int 
 
     theta, obj = fit_lse(logx, logy, const=True, grid=grid, n_starts=n_starts)
     out = _chinchilla_params(theta)
-    out.update(objective=obj, points=len(L))
+    # the relative residuals' rms: against the seed noise it says whether the form fits (bootstrap intervals
+    # measure only how the points scatter around it)
+    rms = float(np.sqrt(np.mean(np.square(chinchilla_loss(out, N, D) / L - 1))))
+    out.update(objective=obj, points=len(L), in_sample_rms=rms)
     if bootstrap:
         samples = [_chinchilla_params(t) for t in _bootstrap(fit_one, len(L), theta, bootstrap, seed)]
         out["ci"] = {k: _ci(np.array([s[k] for s in samples])) for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
@@ -383,9 +386,8 @@ def backtest(points: list[dict], *, n_key: str = "N", held: int = 1) -> dict | N
     """How each loss law extrapolates inside the sweep: fitted on every isoFLOP budget but the last `held`, it
     predicts those budgets. For L(N, D) (approach 3): the relative error at each held-out point, their mean
     absolute error, and the error at each held-out budget's best measured point (the kind of point a prediction
-    targets); with its in-sample relative residuals (rms) on all the points beside the seed noise. For the
-    minima law: the relative error at each held-out budget's parabola minimum. A law that misses budgets inside
-    the sweep will not hold 10x beyond it; residuals well above the seed noise mean its form does not fit."""
+    targets). For the minima law: the relative error at each held-out budget's parabola minimum. A law that
+    misses budgets inside the sweep will not hold 10x beyond it."""
     iso = [r for r in points if r.get("budget")]
     budgets = sorted({r["budget"] for r in iso})
     if len(budgets) < held + 3:
@@ -393,8 +395,7 @@ def backtest(points: list[dict], *, n_key: str = "N", held: int = 1) -> dict | N
     out_budgets = budgets[-held:]
     fit_pts = [r for r in iso if r["budget"] not in out_budgets]
     test = [r for r in iso if r["budget"] in out_budgets]
-    out: dict[str, Any] = {"held_out": [float(b) for b in out_budgets], "fitted_budgets": len(budgets) - held,
-                           "seed_noise": seed_noise(iso)}
+    out: dict[str, Any] = {"held_out": [float(b) for b in out_budgets], "fitted_budgets": len(budgets) - held}
 
     def rel(pred, actual):
         return float((pred - actual) / actual)
@@ -402,16 +403,11 @@ def backtest(points: list[dict], *, n_key: str = "N", held: int = 1) -> dict | N
     if len(fit_pts) >= 6:
         ch = fit_chinchilla([r[n_key] for r in fit_pts], [r["tokens"] for r in fit_pts],
                             [r["val_loss"] for r in fit_pts])
-        errs = [rel(float(chinchilla_loss(ch, r[n_key], r["tokens"])), r["val_loss"]) for r in test]
+        errs = {r["name"]: rel(float(chinchilla_loss(ch, r[n_key], r["tokens"])), r["val_loss"]) for r in test}
         best = [min((r for r in test if r["budget"] == b), key=lambda r: r["val_loss"]) for b in out_budgets]
-        full = fit_chinchilla([r[n_key] for r in iso], [r["tokens"] for r in iso], [r["val_loss"] for r in iso])
-        inside = [rel(float(chinchilla_loss(full, r[n_key], r["tokens"])), r["val_loss"]) for r in iso]
-        out["L_ND"] = {"E": ch["E"], "alpha": ch["alpha"], "beta": ch["beta"],
-                       "errors": {r["name"]: e for r, e in zip(test, errs)},
-                       "mean_abs_error": float(np.mean(np.abs(errs))),
-                       "best_point_errors": {r["name"]: rel(float(chinchilla_loss(ch, r[n_key], r["tokens"])),
-                                                            r["val_loss"]) for r in best},
-                       "in_sample_rms": float(np.sqrt(np.mean(np.square(inside))))}
+        out["L_ND"] = {"E": ch["E"], "alpha": ch["alpha"], "beta": ch["beta"], "in_sample_rms": ch["in_sample_rms"],
+                       "errors": errs, "mean_abs_error": float(np.mean(np.abs(list(errs.values())))),
+                       "best_point_errors": {r["name"]: errs[r["name"]] for r in best}}
     mins = minima_frontier(fit_pts)
     if len(mins) >= 3:
         law = fit_power_law([m["budget"] for m in mins], [m["val_loss"] for m in mins], offset=False)
@@ -468,6 +464,7 @@ def fit_all(recs: list[dict], *, bootstrap: int = 200, seed: int = 0, n_count: s
     tests = [t for t in (backtest(recs, held=h) for h in (1, 2)) if t]
     if tests:
         out["backtest"] = tests
+    out["seed_noise"] = seed_noise(recs)
     return out
 
 
@@ -535,9 +532,8 @@ def backtest_lines(f: dict) -> list[str]:
         if "L_Cmin" in t:
             parts.append("minima law " + ", ".join(f"{e:+.1%} at {n}" for n, e in t["L_Cmin"]["errors"].items()))
         lines.append(f"backtest, fitted on {t['fitted_budgets']} budgets, predicting {held}: " + "; ".join(parts))
-    if f.get("backtest") and "L_ND" in f["backtest"][0]:
-        t = f["backtest"][0]
-        noise = t["seed_noise"]
-        lines.append(f"L(N, D) in-sample residuals: rms {t['L_ND']['in_sample_rms']:.2%} of the loss"
+    if "in_sample_rms" in f.get("L_ND", {}):
+        noise = f.get("seed_noise")
+        lines.append(f"L(N, D) in-sample residuals: rms {f['L_ND']['in_sample_rms']:.2%} of the loss"
                      + (f", against a seed noise of {noise:.2%}" if noise is not None else ""))
     return lines
