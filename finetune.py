@@ -4,7 +4,15 @@ The command lives in gptjax/cli/finetune.py (installed as `gptjax-finetune`); `p
 
 import sys
 
-from gptjax.cli.finetune import main
+from gptjax.hostmem import reexec_with_huge_pages
+
+
+def main(*args, **kwargs):
+    from gptjax.cli.finetune import main as command  # imports jax: after the restart below
+
+    return command(*args, **kwargs)
+
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # once, before jax is imported: huge pages for XLA's per-step host memory
     sys.exit(main())

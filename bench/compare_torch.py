@@ -7,7 +7,9 @@
 Same shape for all three: a GPT-2 block (pre-LN, causal attention, tanh GELU, tied embeddings, no dropout),
 AdamW (b2 0.95, weight decay 0.1) with global-norm clipping at 1.0, random tokens. The frameworks take turns:
 `--rounds` rounds of `--steps` timed steps each, after warm-up, so a noisy neighbour on a shared machine hits all
-three alike; the median step of each is reported, with the ratios. Prints numbers; asserts nothing.
+three alike; the median step of each is reported, with the ratios. Like the commands, it restarts itself once with
+transparent huge pages for host memory (gptjax/hostmem.py), which both frameworks then share;
+`GPTJAX_HUGE_PAGES=0 python bench/compare_torch.py` measures without. Prints numbers; asserts nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -163,6 +166,7 @@ def main():
 
     res = {"shape": {k: getattr(args, k) for k in ("n_layer", "d_model", "n_head", "block", "vocab", "batch")},
            "device": args.device, "bf16": args.bf16, "machine": platform.processor() or platform.machine(),
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge pages for both frameworks, or not
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "jax": __import__("jax").__version__, "gptjax_overrides": list(args.overrides),
            "attention_impl": cfg.model.attention_impl, "loss_chunk": getattr(cfg.model, "loss_chunk", None),
@@ -178,4 +182,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from gptjax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # before jax is imported: huge pages for XLA's host memory (gptjax/hostmem.py)
     main()

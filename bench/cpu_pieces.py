@@ -20,6 +20,11 @@ import sys
 import time
 import types
 
+if __name__ == "__main__":  # before jax is imported: huge pages for XLA's host memory (gptjax/hostmem.py)
+    from gptjax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -47,7 +52,9 @@ def step_ab(overrides: list[str], rounds: int) -> None:
     real_dense, real_out = att.dense_attention, steps.tied_output_nats
 
     def plain_output(x, wte, mask_V, t):
-        logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(x.dtype), preferred_element_type=jnp.float32) + mask_V
+        logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(x.dtype), preferred_element_type=jnp.float32)
+        if mask_V is not None:  # None when the vocabulary has no padding rows (steps.output_nats)
+            logits = logits + mask_V
         return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
 
     variants = {"now": (real_dense, real_out),

@@ -12,6 +12,11 @@ import argparse
 import statistics
 import time
 
+if __name__ == "__main__":  # before jax is imported: huge pages for XLA's host memory (gptjax/hostmem.py)
+    from gptjax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+
 import jax
 import numpy as np
 

@@ -16,6 +16,11 @@ from __future__ import annotations
 import os
 import time
 
+if __name__ == "__main__":  # before jax is imported: huge pages for XLA's host memory (gptjax/hostmem.py)
+    from gptjax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -119,4 +119,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from gptjax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # before jax is imported: huge pages for XLA's host memory (gptjax/hostmem.py)
     main()

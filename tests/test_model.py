@@ -296,6 +296,37 @@ def test_fused_output_loss_equals_autodiff_of_the_plain_one(dtype):
     assert (np.asarray(dw)[cfg.vocab_size:] == 0).all() and (np.abs(np.asarray(dw)[:cfg.vocab_size]).sum(-1) > 0).all()
 
 
+def test_fused_output_loss_without_padding_rows_takes_no_mask():
+    """With no padded vocabulary rows output_nats passes no mask (mask_V None: no sweep over the logits to add
+    zeros); the same nats and gradients as autodiff of the plain loss, and the same as with an all-zero mask."""
+    cfg = REMAT_BASE
+    p = params_for(cfg)
+    wte = p["wte"]["embedding"][: cfg.vocab_size]  # the real rows only
+    x_BTD = jax.random.normal(jax.random.key(3), (2, cfg.block_size, cfg.d_model), jnp.float32)
+    t_BT = tokens(cfg)
+    w_BT = jax.random.uniform(jax.random.key(4), t_BT.shape)
+
+    def plain(x, w):
+        logits = jnp.einsum("BTD,VD->BTV", x, w, preferred_element_type=jnp.float32)
+        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t_BT[..., None], -1)[..., 0]
+
+    def fused(x, w, mask=None):
+        return train_steps.tied_output_nats(x, w, mask, t_BT)
+
+    zero_mask = jnp.zeros((cfg.vocab_size,), jnp.float32)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(fused)(x_BTD, wte), jax.jit(plain)(x_BTD, wte), **tol)
+    np.testing.assert_array_equal(jax.jit(fused)(x_BTD, wte), jax.jit(fused)(x_BTD, wte, zero_mask))
+    grad = lambda f: jax.jit(jax.grad(lambda x, w: (f(x, w) * w_BT).sum(), argnums=(0, 1)))(x_BTD, wte)  # noqa: E731
+    for a, b in zip(grad(fused), grad(plain)):
+        np.testing.assert_allclose(a, b, **tol)
+    unpadded = dataclasses.replace(cfg, vocab_size=cfg.padded_vocab)
+    assert unpadded.padded_vocab == unpadded.vocab_size and cfg.padded_vocab > cfg.vocab_size
+    full = p["wte"]["embedding"]
+    np.testing.assert_allclose(train_steps.output_nats(unpadded, p, x_BTD, t_BT),
+                               plain(model.final_norm(unpadded, p, x_BTD), full), **tol)
+
+
 def test_chunked_loss_never_holds_the_whole_logits():
     # one dense layer: the loss is what is measured, and a deeper model only takes longer to compile
     cfg = dataclasses.replace(REMAT_BASE, vocab_size=4000, vocab_multiple=128, block_size=64, n_layer=1,
