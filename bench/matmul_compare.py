@@ -5,7 +5,8 @@
 
 Forward (x w^T), input gradient (g w) and weight gradient (g^T x) of the [4096, 256] x [256, 8192] output layer
 (batch 16 x 256 tokens, vocabulary 8192: bench/compare_torch.py's shape), one MLP matmul and its weight
-gradient, and attention's two batched matmuls ([B*N, T, H] = [64, 256, 64]: q k^T and p v). Every case is
+gradient, attention's two batched matmuls ([B*N, T, H] = [64, 256, 64]: q k^T and p v), and two large
+products that run near each library's peak on the CPU (the ceiling for the rest). Every case is
 warmed up (three calls) before it is timed: the first call of a fresh process runs cold and once read as half
 of PyTorch's speed (docs/results.md). Shows where gptjax's CPU step loses to PyTorch's (#15). Prints numbers;
 asserts nothing.
@@ -62,7 +63,10 @@ def main() -> None:
              ("MLP forward [4096,256]x[256,1024]", (m, k), (k, 1024), lambda a, b: a @ b, k),
              ("MLP weight grad x^T g", (m, k), (m, 1024), lambda a, b: a.T @ b, m),
              ("attention q k^T [64,256,64]", (x_, t_, h_), (x_, t_, h_), lambda a, b: a @ b.swapaxes(-1, -2), h_),
-             ("attention p v [64,256,256]x[.,.,64]", (x_, t_, t_), (x_, t_, h_), lambda a, b: a @ b, t_)]
+             ("attention p v [64,256,256]x[.,.,64]", (x_, t_, t_), (x_, t_, h_), lambda a, b: a @ b, t_),
+             # near each library's peak on this CPU: the ceiling the step's matmuls are measured against
+             ("large [2048,2048]x[2048,2048]", (2048, 2048), (2048, 2048), lambda a, b: a @ b, 2048),
+             ("large [4096,1024]x[1024,4096]", (m, 1024), (1024, m), lambda a, b: a @ b, 1024)]
     rng = np.random.default_rng(0)
     data = [(rng.standard_normal(sa, dtype=np.float32), rng.standard_normal(sb, dtype=np.float32)) for _, sa, sb, _, _ in cases]
     jitted = [jax.jit(f) for _, _, _, f, _ in cases]
