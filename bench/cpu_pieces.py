@@ -7,9 +7,10 @@ PyTorch, on the same inputs: the profile behind docs/results.md's #15 section.
 
 Milliseconds per call (median of --calls), torch on 2 threads, float32. "before" is the masked-einsum reference
 attention, the 3-D MLP einsums and autodiff of the output layer; "now" is attention.dense_attention, the MLP on
-[B*T, D] and the weight gradient of train.steps.tied_output_nats. `--step` compiles the whole train step three
-ways (as now; with the reference attention; with autodiff of the plain output layer and loss) and times them
-in turns from the same state, so the machine's drift hits all three alike. Prints a table; asserts nothing.
+[B*T, D] and the weight gradient of train.steps.tied_output_nats. `--step` compiles the whole train step four
+ways (as now; with the reference attention; with autodiff of the plain output layer and loss; with the fused
+loss's gradient taking a [B, T, V] one-hot instead of the scatter at the targets) and times them in turns from
+the same state, so the machine's drift hits all alike. Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ def step_ab(overrides: list[str], rounds: int) -> None:
     from gptjax.train import steps
 
     cfg = config_lib.resolve(overrides[0], ["mesh.fsdp=1", "steps=100000", "optim.warmup_steps=0"] + overrides[1:])
-    real_dense, real_out = att.dense_attention, steps.tied_output_nats
 
     def plain_output(x, wte, mask_V, t):
         logits = jnp.einsum("BTD,VD->BTV", x, wte.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -57,13 +57,20 @@ def step_ab(overrides: list[str], rounds: int) -> None:
             logits = logits + mask_V
         return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
 
-    variants = {"now": (real_dense, real_out),
-                "reference attention": (lambda q, k, v: att.reference_attention(q, k, v), real_out),
-                "autodiff output layer": (real_dense, plain_output)}
+    def onehot_minus(g_BTV, t_BT, d_BT):  # the fused loss's backward before 2026-12-06: a [B, T, V] one-hot
+        return g_BTV - (jnp.arange(g_BTV.shape[-1]) == t_BT[..., None]) * d_BT[..., None]
+
+    # each variant: the pieces put back, as (module, attribute) -> what to put there while it compiles
+    variants = {"now": {},
+                "reference attention": {(att, "dense_attention"): lambda q, k, v: att.reference_attention(q, k, v)},
+                "autodiff output layer": {(steps, "tied_output_nats"): plain_output},
+                "one-hot output gradient": {(steps, "_minus_at_targets"): onehot_minus}}
+    real = {key: getattr(*key) for patch in variants.values() for key in patch}
     compiled, batch = {}, None
     try:
-        for name, (dense, out) in variants.items():
-            att.dense_attention, steps.tied_output_nats = dense, out
+        for name, patch in variants.items():
+            for (module, attr), value in real.items():
+                setattr(module, attr, patch.get((module, attr), value))
             tr = steps.make_train_steps(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
             state = tr.init(jax.random.key(0))
             if batch is None:
@@ -72,7 +79,8 @@ def step_ab(overrides: list[str], rounds: int) -> None:
                 batch = jax.device_put(toks, tr.batch_sharding)
             compiled[name] = tr.step.lower(state, batch).compile()
     finally:
-        att.dense_attention, steps.tied_output_nats = real_dense, real_out
+        for (module, attr), value in real.items():
+            setattr(module, attr, value)
     states = {n: tr.init(jax.random.key(0)) for n in compiled}
     times: dict = {n: [] for n in compiled}
     for _ in range(rounds):

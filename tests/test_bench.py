@@ -276,9 +276,10 @@ def test_step_profile_attributes_the_step_to_its_matmuls(tmp_path):
     assert "traced step" in proc.stdout
 
 
-def test_cpu_pieces_step_ab_compiles_all_three_variants_and_restores_the_pieces(tmp_path):
-    """bench/cpu_pieces.py --step at a toy size: the step as now, with the reference attention and with the
-    autodiff output layer each compiles and times, and the patched pieces are put back afterwards."""
+def test_cpu_pieces_step_ab_compiles_every_variant_and_restores_the_pieces(tmp_path):
+    """bench/cpu_pieces.py --step at a toy size: the step as now, with the reference attention, with the
+    autodiff output layer and with the one-hot output gradient each compiles and times, and the patched pieces
+    are put back afterwards."""
     import contextlib
     import importlib.util
     import io
@@ -289,12 +290,12 @@ def test_cpu_pieces_step_ab_compiles_all_three_variants_and_restores_the_pieces(
     spec = importlib.util.spec_from_file_location("cpu_pieces", REPO / "bench" / "cpu_pieces.py")
     cp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cp)
-    before = (att.dense_attention, steps.tied_output_nats)
+    before = (att.dense_attention, steps.tied_output_nats, steps._minus_at_targets)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         cp.step_ab(["tiny", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=32",
                     "model.vocab_size=256", "batch_size=4"], rounds=1)
     lines = out.getvalue().splitlines()
-    assert [ln.split()[0] for ln in lines[1:]] == ["now", "reference", "autodiff"], lines
+    assert [ln.split()[0] for ln in lines[1:]] == ["now", "reference", "autodiff", "one-hot"], lines
     assert all(float(ln.split("ms")[0].split()[-1]) > 0 for ln in lines[1:])
-    assert (att.dense_attention, steps.tied_output_nats) == before
+    assert (att.dense_attention, steps.tied_output_nats, steps._minus_at_targets) == before

@@ -63,8 +63,6 @@ def test_installed_wheel_finds_its_presets_outside_a_checkout(wheel, tmp_path):
 def test_console_scripts_point_at_the_commands(monkeypatch):
     """Each console script runs its command's main() (through gptjax/cli/entry.py, which first restarts the
     process with huge pages where that helps: stubbed out here, so pytest itself is not restarted)."""
-    import importlib
-
     from gptjax.cli import entry
 
     monkeypatch.setattr(entry, "reexec_with_huge_pages", lambda: None)

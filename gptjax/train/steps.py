@@ -54,13 +54,14 @@ def output_nats(cfg, params: Params, x_BTD: jax.Array, targets_BT: jax.Array) ->
 
 
 @jax.custom_vjp
-def tied_output_nats(x_BTD: jax.Array, wte_VD: jax.Array, mask_V: jax.Array, targets_BT: jax.Array) -> jax.Array:
+def tied_output_nats(x_BTD: jax.Array, wte_VD: jax.Array, mask_V: jax.Array | None,
+                     targets_BT: jax.Array) -> jax.Array:
     """-log softmax(x wte^T + mask)[target] [B, T]: the tied output layer and the cross-entropy as one function
     with its own backward pass, the same numbers as `unembed` + log-softmax (tests/test_model.py). The backward
     pass forms d logits = softmax - onehot as one sweep over the [B, T, V] logits and a scatter at the targets
-    (autodiff's takes several sweeps) and the weight gradient as x^T g, transposing the [D, V] result rather than the [B*T, V] gradient (XLA's CPU
-    backend otherwise copies the whole gradient into a transposed layout first). Padded vocabulary rows
-    (mask -1e9) get probability 0, so no gradient."""
+    (autodiff's takes several sweeps) and the weight gradient as x^T g, transposing the [D, V] result rather than
+    the [B*T, V] gradient (XLA's CPU backend otherwise copies the whole gradient into a transposed layout first).
+    Padded vocabulary rows (mask -1e9) get probability 0, so no gradient; mask None: no padded rows."""
     return _tied_output_fwd(x_BTD, wte_VD, mask_V, targets_BT)[0]
 
 
@@ -95,7 +96,7 @@ def _minus_at_targets(g_BTV: jax.Array, targets_BT: jax.Array, d_BT: jax.Array) 
     """g[b, t, targets[b, t]] -= d[b, t], in float32, before any cast (so p * d - d keeps its precision when p is
     near 1). A scatter with B and T as batching dimensions (what the transpose of take_along_axis is, so sharding
     passes B and T straight through) rather than subtracting a [B, T, V] one-hot inside the softmax sweep: XLA's
-    CPU backend runs the iota-compare-select fusion over the whole [4096, 8192] gradient in 43 ms against 20 ms
+    CPU backend runs the iota-compare fusion over the whole [4096, 8192] gradient in 43 ms against 20 ms
     for the plain sweep and the scatter (docs/results.md, 2026-12-06)."""
     dnums = jax.lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(2,),
                                             scatter_dims_to_operand_dims=(2,), operand_batching_dims=(0, 1),
