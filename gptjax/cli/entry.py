@@ -3,6 +3,7 @@ memory (gptjax/hostmem.py) before the command's module, and jax with it, is impo
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from gptjax.hostmem import reexec_with_huge_pages
@@ -13,29 +14,5 @@ def _run(command: str) -> int:
     return importlib.import_module(f"gptjax.cli.{command}").main()
 
 
-def train() -> int:
-    return _run("train")
-
-
-def finetune() -> int:
-    return _run("finetune")
-
-
-def rlhf() -> int:
-    return _run("rlhf")
-
-
-def eval_() -> int:
-    return _run("eval")
-
-
-def sample() -> int:
-    return _run("sample")
-
-
-def convert() -> int:
-    return _run("convert")
-
-
-def scaling() -> int:
-    return _run("scaling")
+train, finetune, rlhf, eval_, sample, convert, scaling = (
+    functools.partial(_run, name) for name in ("train", "finetune", "rlhf", "eval", "sample", "convert", "scaling"))
